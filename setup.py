@@ -1,0 +1,37 @@
+"""cleannet_tf: CleanNet (Lee et al., CVPR 2018) for TensorFlow 2 / Keras 3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cleannet_tf",
+    version="0.1.0",
+    description=(
+        "CleanNet: transfer learning for label-noise detection and "
+        "sample weighting, in TensorFlow 2 / Keras 3, with SavedModel export."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cleannet_tf", "cleannet_tf.*", "tools"]),
+    install_requires=[
+        # tensorflow, not tensorflow-cpu: tensorflow-serving-api depends on it.
+        "tensorflow>=2.16,<2.22",
+        "keras>=3.3,<4",
+        "numpy>=1.26,<3",
+        "scikit-learn>=1.3,<2",
+        "absl-py>=2.0,<3",
+        "tensorflow-datasets>=4.9,<5",
+        "tensorflow-serving-api>=2.16,<2.22",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cleannet-demo=tools.demo:run",
+            "cleannet-convert=tools.convert_features:run",
+            "cleannet-train=tools.train_cleannet:run",
+            "cleannet-score=tools.score:run",
+        ],
+    },
+)
