@@ -1,0 +1,75 @@
+"""CleanNet's objectives, per example (paper Eq. 5-10).
+
+All functions return one loss per query [B]; the training step reduces them
+with ``tf.nn.compute_average_loss`` over the global batch, so the result is the
+same on one device and under a ``tf.distribute`` strategy.
+"""
+
+import dataclasses
+
+from keras import ops
+
+UNVERIFIED, MISLABELED, CORRECT = -1, 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """Hyperparameters of the total loss; defaults are the paper's and release's."""
+  margin: float = 0.1          # rho, Eq. 6 and 8
+  negative_weight: float = 5.0  # omega, Eq. 6
+  beta: float = 0.1            # reconstruction weight, Eq. 9
+  gamma: float = 0.1           # unsupervised weight, Eq. 9
+
+
+def supervised_cosine_loss(score, verification, margin=0.1, negative_weight=5.0):
+  """Eq. 6: 1 - cos for l = 1; omega max(0, cos - rho) for l = 0; 0 for l = -1.
+
+  Args:
+    score: float [B], cos(phi^q, phi^s_c).
+    verification: int [B] in {-1, 0, 1}.
+  """
+  verification = ops.cast(verification, "int32")
+  positive = ops.cast(verification == CORRECT, score.dtype) * (1.0 - score)
+  negative = (ops.cast(verification == MISLABELED, score.dtype)
+              * negative_weight * ops.relu(score - margin))
+  return positive + negative
+
+
+def reconstruction_loss(target, reconstruction):
+  """Eq. 5: ||v^q - r(v^q)||^2, summed over feature dimensions [B, D] -> [B]."""
+  return ops.sum(ops.square(target - reconstruction), axis=-1)
+
+
+def unsupervised_cosine_loss(score, margin=0.1):
+  """Eq. 7-8: pseudo-verification; 1 - cos where cos >= rho, else 0. [B] -> [B].
+
+  The pseudo label is a hard indicator, so no gradient flows through it.
+  """
+  pseudo_label = ops.cast(ops.stop_gradient(score) >= margin, score.dtype)
+  return pseudo_label * (1.0 - score)
+
+
+def total_loss(outputs, verification, weights=LossWeights()):
+  """Eq. 9-10 per query: L_cos + beta L_r + t gamma L_cos^unsup, t = [l == -1].
+
+  Args:
+    outputs: the dict returned by ``CleanNet.__call__``.
+    verification: int [B] in {-1, 0, 1}.
+
+  Returns:
+    dict of float [B] tensors: ``total``, ``supervised``, ``reconstruction``,
+    ``unsupervised`` (the last three unweighted, for summaries).
+  """
+  score = outputs["score"]
+  supervised = supervised_cosine_loss(
+      score, verification, weights.margin, weights.negative_weight)
+  reconstruction = reconstruction_loss(
+      outputs["normalized_features"], outputs["reconstruction"])
+  unverified = ops.cast(ops.cast(verification, "int32") == UNVERIFIED, score.dtype)
+  unsupervised = unverified * unsupervised_cosine_loss(score, weights.margin)
+  return {
+      "total": supervised + weights.beta * reconstruction + weights.gamma * unsupervised,
+      "supervised": supervised,
+      "reconstruction": reconstruction,
+      "unsupervised": unsupervised,
+  }

@@ -1,0 +1,323 @@
+"""CleanNet as Keras 3 layers and a subclassed model (paper Sec. 3.1, Fig. 1-2).
+
+Pieces, one concept per layer:
+
+* ``FeatureNormalization``: log(x+1) / l2 / none on raw CNN features.
+* ``ReferenceAttention``: attention pooling with a learned context vector
+  (Eq. 2-4), masked for classes with fewer than K references.
+* ``ReferenceSetEncoder`` (f_s): 2-layer MLP per reference, attention, 1-layer
+  MLP to the class embedding.
+* ``QueryAutoencoder`` (f_q): 5-layer autoencoder giving the query embedding and
+  the reconstruction (Eq. 5).
+* ``CleanNet``: holds the reference feature sets of all L classes and the
+  detection threshold delta; scores (query, noisy class) pairs by cosine
+  similarity between query and class embeddings.
+
+Every class implements ``get_config`` and is registered, so ``.keras`` files
+written by training load with ``keras.models.load_model`` once
+``cleannet_tf`` is imported.
+"""
+
+import keras
+from keras import ops
+
+_PACKAGE = "cleannet_tf"
+NORMALIZATIONS = ("log1p", "l2", "none")
+
+
+def cosine_similarity(a, b, epsilon=1e-12):
+  """Row-wise cosine similarity of ``a`` [..., E] and ``b`` [..., E] -> [...]."""
+  a = a / ops.sqrt(ops.maximum(ops.sum(ops.square(a), axis=-1, keepdims=True), epsilon))
+  b = b / ops.sqrt(ops.maximum(ops.sum(ops.square(b), axis=-1, keepdims=True), epsilon))
+  return ops.sum(a * b, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FeatureNormalization(keras.layers.Layer):
+  """Normalises raw CNN features before both encoders.
+
+  Modes:
+    * ``"log1p"`` (default, as the authors' release): ``sign(x) log(|x| + 1)``,
+      which is log(x+1) for the non-negative pooled features of a ReLU CNN and
+      stays finite for signed features instead of giving NaN below -1.
+    * ``"l2"``: unit l2 norm per vector.
+    * ``"none"``: identity.
+  """
+
+  def __init__(self, mode="log1p", **kwargs):
+    super().__init__(**kwargs)
+    if mode not in NORMALIZATIONS:
+      raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+    self.mode = mode
+
+  def call(self, features):
+    """features: float [..., D] -> float [..., D]."""
+    if self.mode == "log1p":
+      return ops.sign(features) * ops.log1p(ops.abs(features))
+    if self.mode == "l2":
+      norm = ops.sqrt(ops.maximum(ops.sum(ops.square(features), axis=-1, keepdims=True), 1e-12))
+      return features / norm
+    return features
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ReferenceAttention(keras.layers.Layer):
+  """Attention pooling over a reference set with a learned context vector.
+
+  u_i = tanh(W h_i + b) (Eq. 2); alpha_i = softmax_i(u_i . u) (Eq. 3);
+  h = sum_i alpha_i h_i (Eq. 4). Padding references (mask False) get zero
+  weight; a set with no real reference pools to the zero vector.
+  """
+
+  def __init__(self, attention_dim=256, **kwargs):
+    super().__init__(**kwargs)
+    self.attention_dim = attention_dim
+
+  def build(self, input_shape):
+    hidden_dim = input_shape[-1]
+    self.projection = self.add_weight(
+        name="projection", shape=(hidden_dim, self.attention_dim),
+        initializer="glorot_uniform")
+    self.projection_bias = self.add_weight(
+        name="projection_bias", shape=(self.attention_dim,), initializer="zeros")
+    self.context = self.add_weight(
+        name="context", shape=(self.attention_dim,),
+        initializer=keras.initializers.RandomNormal(stddev=0.1))
+
+  def call(self, hidden, mask):
+    """Pools a batch of reference sets.
+
+    Args:
+      hidden: float [B, K, H], per-reference hidden representations h_i.
+      mask: bool [B, K], True for real references.
+
+    Returns:
+      (pooled [B, H], attention [B, K]); attention rows sum to 1 over real
+      references (all zeros for an empty set).
+    """
+    u = ops.tanh(ops.matmul(hidden, self.projection) + self.projection_bias)
+    logits = ops.sum(u * self.context, axis=-1)  # [B, K]
+    # Masked softmax by hand: subtracting the max of real logits keeps exp()
+    # finite, and multiplying by the mask gives padding exactly zero weight.
+    mask = ops.cast(mask, logits.dtype)
+    logits = logits - ops.max(logits * mask - (1.0 - mask) * 1e9, axis=-1, keepdims=True)
+    weights = ops.exp(ops.minimum(logits, 0.0)) * mask
+    total = ops.sum(weights, axis=-1, keepdims=True)
+    attention = weights / ops.maximum(total, 1e-12)
+    pooled = ops.sum(hidden * attention[..., None], axis=1)
+    return pooled, attention
+
+  def get_config(self):
+    return {**super().get_config(), "attention_dim": self.attention_dim}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ReferenceSetEncoder(keras.layers.Layer):
+  """f_s: maps a reference feature set V_c^s to the class embedding phi_c^s."""
+
+  def __init__(self, hidden_dims=(512, 256), attention_dim=256, embedding_dim=128,
+               dropout=0.0, activation="tanh", **kwargs):
+    super().__init__(**kwargs)
+    self.hidden_dims = tuple(hidden_dims)
+    self.attention_dim = attention_dim
+    self.embedding_dim = embedding_dim
+    self.dropout = dropout
+    self.activation = activation
+    self.first = keras.layers.Dense(self.hidden_dims[0], activation=activation, name="mlp_0")
+    self.dropout_layer = keras.layers.Dropout(dropout)
+    self.second = keras.layers.Dense(self.hidden_dims[1], activation=activation, name="mlp_1")
+    self.attention = ReferenceAttention(attention_dim, name="attention")
+    self.to_embedding = keras.layers.Dense(embedding_dim, activation=activation, name="embedding")
+
+  def build(self, input_shape):
+    batch, k, dim = input_shape
+    self.first.build((batch, k, dim))
+    self.second.build((batch, k, self.hidden_dims[0]))
+    self.attention.build((batch, k, self.hidden_dims[1]))
+    self.to_embedding.build((batch, self.hidden_dims[1]))
+
+  def call(self, references, mask, training=False):
+    """Encodes reference sets.
+
+    Args:
+      references: float [B, K, D], normalised reference features.
+      mask: bool [B, K], True for real references.
+
+    Returns:
+      (class_embedding [B, E], attention [B, K]).
+    """
+    hidden = self.second(self.dropout_layer(self.first(references), training=training))
+    pooled, attention = self.attention(hidden, mask)
+    return self.to_embedding(pooled), attention
+
+  def get_config(self):
+    return {**super().get_config(), "hidden_dims": list(self.hidden_dims),
+            "attention_dim": self.attention_dim, "embedding_dim": self.embedding_dim,
+            "dropout": self.dropout, "activation": self.activation}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QueryAutoencoder(keras.layers.Layer):
+  """f_q: the 5-layer autoencoder D -> hidden -> E (embedding) -> hidden -> D.
+
+  Hidden layers use ``activation`` (tanh, as the authors' release). The
+  reconstruction layer is linear by default: log(x+1) features exceed 1, which
+  a tanh output could never reconstruct.
+  """
+
+  def __init__(self, feature_dim, hidden_dim=256, embedding_dim=128, activation="tanh",
+               reconstruction_activation="linear", **kwargs):
+    super().__init__(**kwargs)
+    self.feature_dim = feature_dim
+    self.hidden_dim = hidden_dim
+    self.embedding_dim = embedding_dim
+    self.activation = activation
+    self.reconstruction_activation = reconstruction_activation
+    self.encoder_hidden = keras.layers.Dense(hidden_dim, activation=activation, name="encoder_hidden")
+    self.encoder_embedding = keras.layers.Dense(embedding_dim, activation=activation, name="embedding")
+    self.decoder_hidden = keras.layers.Dense(hidden_dim, activation=activation, name="decoder_hidden")
+    self.decoder_output = keras.layers.Dense(
+        feature_dim, activation=reconstruction_activation, name="reconstruction")
+
+  def build(self, input_shape):
+    batch = input_shape[0]
+    self.encoder_hidden.build((batch, self.feature_dim))
+    self.encoder_embedding.build((batch, self.hidden_dim))
+    self.decoder_hidden.build((batch, self.embedding_dim))
+    self.decoder_output.build((batch, self.hidden_dim))
+
+  def call(self, features):
+    """features: float [B, D] -> (embedding [B, E], reconstruction [B, D])."""
+    embedding = self.encoder_embedding(self.encoder_hidden(features))
+    return embedding, self.decoder_output(self.decoder_hidden(embedding))
+
+  def encode(self, features):
+    """features: float [B, D] -> embedding [B, E], skipping the decoder."""
+    return self.encoder_embedding(self.encoder_hidden(features))
+
+  def get_config(self):
+    return {**super().get_config(), "feature_dim": self.feature_dim,
+            "hidden_dim": self.hidden_dim, "embedding_dim": self.embedding_dim,
+            "activation": self.activation,
+            "reconstruction_activation": self.reconstruction_activation}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CleanNet(keras.Model):
+  """The joint embedding network, holding the reference sets of all classes.
+
+  ``model({"features": [B, D], "class_id": [B]})`` returns a dict:
+    * ``score`` [B]: cos(phi^q, phi^s_c), the relevance of each query to its
+      noisy class c;
+    * ``query_embedding`` [B, E], ``class_embedding`` [B, E];
+    * ``normalized_features`` [B, D] (the autoencoder's target) and
+      ``reconstruction`` [B, D].
+
+  The reference features [L, K, D], their counts [L] and the detection
+  threshold ``delta`` are non-trainable weights, so they travel inside the
+  ``.keras`` file and the exported SavedModel.
+  """
+
+  def __init__(self, num_classes, num_references, feature_dim, normalization="log1p",
+               query_hidden_dim=256, embedding_dim=128, reference_hidden_dims=(512, 256),
+               attention_dim=256, dropout=0.0, activation="tanh",
+               reconstruction_activation="linear", **kwargs):
+    super().__init__(**kwargs)
+    self.num_classes = int(num_classes)
+    self.num_references = int(num_references)
+    self.feature_dim = int(feature_dim)
+    self.normalization = normalization
+    self.query_hidden_dim = query_hidden_dim
+    self.embedding_dim = embedding_dim
+    self.reference_hidden_dims = tuple(reference_hidden_dims)
+    self.attention_dim = attention_dim
+    self.dropout = dropout
+    self.activation = activation
+    self.reconstruction_activation = reconstruction_activation
+    self.normalize = FeatureNormalization(normalization, name="normalize")
+    self.query_encoder = QueryAutoencoder(
+        feature_dim, query_hidden_dim, embedding_dim, activation,
+        reconstruction_activation, name="query_encoder")
+    self.reference_encoder = ReferenceSetEncoder(
+        reference_hidden_dims, attention_dim, embedding_dim, dropout, activation,
+        name="reference_encoder")
+    # Every shape is known from the config, so build now: a model is usable
+    # (and loadable) without a first call.
+    self.build()
+
+  def build(self, input_shape=None):
+    if self.built:
+      return
+    self.reference_features = self.add_weight(
+        name="reference_features",
+        shape=(self.num_classes, self.num_references, self.feature_dim),
+        initializer="zeros", trainable=False)
+    self.reference_counts = self.add_weight(
+        name="reference_counts", shape=(self.num_classes,), dtype="int32",
+        initializer="zeros", trainable=False)
+    self.delta = self.add_weight(
+        name="delta", shape=(), initializer=keras.initializers.Constant(0.1),
+        trainable=False)
+    self.query_encoder.build((None, self.feature_dim))
+    self.reference_encoder.build((None, self.num_references, self.feature_dim))
+    self.built = True
+
+  def set_reference_sets(self, reference_sets):
+    """Loads a ``references.ReferenceSets`` (features [L, K, D], counts [L])."""
+    expected = (self.num_classes, self.num_references, self.feature_dim)
+    if tuple(reference_sets.features.shape) != expected:
+      raise ValueError(
+          f"reference sets have shape {tuple(reference_sets.features.shape)}, "
+          f"the model expects {expected}")
+    self.reference_features.assign(reference_sets.features)
+    self.reference_counts.assign(ops.cast(reference_sets.counts, "int32"))
+
+  def _encode_references(self, class_id, training):
+    """class_id int [B] -> (class embedding [B, E], attention [B, K])."""
+    references = self.normalize(ops.take(self.reference_features, class_id, axis=0))
+    counts = ops.take(self.reference_counts, class_id, axis=0)
+    mask = ops.arange(self.num_references, dtype="int32")[None, :] < counts[:, None]
+    return self.reference_encoder(references, mask, training=training)
+
+  def call(self, inputs, training=False):
+    features = self.normalize(inputs["features"])
+    class_id = ops.cast(inputs["class_id"], "int32")
+    query_embedding, reconstruction = self.query_encoder(features)
+    class_embedding, _ = self._encode_references(class_id, training)
+    return {
+        "score": cosine_similarity(query_embedding, class_embedding),
+        "query_embedding": query_embedding,
+        "class_embedding": class_embedding,
+        "normalized_features": features,
+        "reconstruction": reconstruction,
+    }
+
+  def class_embeddings(self):
+    """All L class embeddings at once (inference): ([L, E], attention [L, K])."""
+    return self._encode_references(ops.arange(self.num_classes, dtype="int32"), False)
+
+  def query_embeddings(self, features):
+    """Raw features [N, D] -> query embeddings [N, E] (inference)."""
+    return self.query_encoder.encode(self.normalize(features))
+
+  def score_with_class_embeddings(self, features, class_id, class_embeddings):
+    """Scores queries against precomputed class embeddings [L, E] -> [N]."""
+    return cosine_similarity(
+        self.query_embeddings(features),
+        ops.take(class_embeddings, ops.cast(class_id, "int32"), axis=0))
+
+  def get_config(self):
+    return {**super().get_config(), "num_classes": self.num_classes,
+            "num_references": self.num_references, "feature_dim": self.feature_dim,
+            "normalization": self.normalization, "query_hidden_dim": self.query_hidden_dim,
+            "embedding_dim": self.embedding_dim,
+            "reference_hidden_dims": list(self.reference_hidden_dims),
+            "attention_dim": self.attention_dim, "dropout": self.dropout,
+            "activation": self.activation,
+            "reconstruction_activation": self.reconstruction_activation}

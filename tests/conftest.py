@@ -1,0 +1,15 @@
+"""Test set-up: quiet TensorFlow, and two logical CPUs for multi-replica tests.
+
+The CPU must be split before anything else initialises TensorFlow's devices,
+so it happens here, when pytest imports this file first.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

@@ -1,0 +1,53 @@
+"""Eq. 5-10 against values computed by hand."""
+
+import numpy as np
+
+from cleannet_tf import losses
+
+# Four queries: verified correct, verified mislabeled (above and below the
+# margin), and unverified.
+SCORE = np.array([0.8, 0.5, 0.05, 0.3], np.float32)
+VERIFICATION = np.array([1, 0, 0, -1])
+
+
+def test_supervised_cosine_loss():
+  got = np.asarray(losses.supervised_cosine_loss(SCORE, VERIFICATION, margin=0.1,
+                                                 negative_weight=5.0))
+  # l=1: 1 - 0.8 = 0.2; l=0: 5 * max(0, 0.5 - 0.1) = 2.0; 5 * max(0, 0.05 - 0.1) = 0;
+  # l=-1: 0.
+  np.testing.assert_allclose(got, [0.2, 2.0, 0.0, 0.0], atol=1e-6)
+
+
+def test_reconstruction_loss_sums_squares():
+  target = np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+  reconstruction = np.array([[0.0, 0.0, 0.5], [1.0, 1.0, 1.0]], np.float32)
+  # 1 + 4 + 0.25 = 5.25; 1 + 1 + 1 = 3.
+  np.testing.assert_allclose(losses.reconstruction_loss(target, reconstruction), [5.25, 3.0])
+
+
+def test_unsupervised_cosine_loss_uses_pseudo_labels():
+  score = np.array([0.3, 0.1, 0.09, -0.5], np.float32)
+  # cos >= rho: 1 - cos (0.7, 0.9); below: ignored.
+  np.testing.assert_allclose(losses.unsupervised_cosine_loss(score, margin=0.1),
+                             [0.7, 0.9, 0.0, 0.0], atol=1e-6)
+
+
+def test_total_loss_combines_with_beta_gamma_and_t():
+  target = np.zeros([4, 2], np.float32)
+  reconstruction = np.array([[1, 0], [0, 2], [1, 1], [0, 1]], np.float32)  # L_r: 1, 4, 2, 1
+  outputs = {"score": SCORE, "normalized_features": target, "reconstruction": reconstruction}
+  weights = losses.LossWeights(margin=0.1, negative_weight=5.0, beta=0.1, gamma=0.5)
+  got = losses.total_loss(outputs, VERIFICATION, weights)
+  # L_cos + 0.1 L_r + t * 0.5 * L_unsup; only the last query has t = 1, with
+  # cos 0.3 >= 0.1 so L_unsup = 0.7.
+  expected = [0.2 + 0.1, 2.0 + 0.4, 0.0 + 0.2, 0.0 + 0.1 + 0.5 * 0.7]
+  np.testing.assert_allclose(got["total"], expected, atol=1e-6)
+  np.testing.assert_allclose(got["unsupervised"], [0, 0, 0, 0.7], atol=1e-6)
+
+
+def test_gradient_of_unsupervised_loss_does_not_flow_through_pseudo_label():
+  import tensorflow as tf
+  score = tf.Variable([0.5, 0.05])
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(losses.unsupervised_cosine_loss(score, margin=0.1))
+  np.testing.assert_allclose(tape.gradient(loss, score), [-1.0, 0.0])

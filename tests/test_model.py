@@ -1,0 +1,112 @@
+"""The CleanNet layers and model: shapes, masking, attention, serialisation."""
+
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from cleannet_tf import model as model_lib
+
+SMALL = dict(num_classes=3, num_references=4, feature_dim=6, query_hidden_dim=8,
+             embedding_dim=5, reference_hidden_dims=(7, 6), attention_dim=4)
+
+
+def small_model(seed=0):
+  keras.utils.set_random_seed(seed)
+  model = model_lib.CleanNet(**SMALL)
+  rng = np.random.default_rng(seed)
+  model.reference_features.assign(rng.random((3, 4, 6)).astype("float32"))
+  model.reference_counts.assign(np.array([4, 2, 1], "int32"))
+  return model
+
+
+def queries(n=5, seed=1):
+  rng = np.random.default_rng(seed)
+  return {"features": rng.random((n, 6)).astype("float32"),
+          "class_id": rng.integers(0, 3, n)}
+
+
+def test_output_shapes_and_cosine_range():
+  out = small_model()(queries())
+  assert out["score"].shape == (5,)
+  assert out["query_embedding"].shape == (5, 5)
+  assert out["class_embedding"].shape == (5, 5)
+  assert out["reconstruction"].shape == (5, 6)
+  assert np.all(np.abs(out["score"]) <= 1 + 1e-6)
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("log1p", lambda x: np.sign(x) * np.log1p(np.abs(x))),
+    ("l2", lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)),
+    ("none", lambda x: x),
+])
+def test_feature_normalization(mode, expected):
+  x = np.array([[0.0, 1.0, 3.0], [2.0, -0.5, 0.25]], np.float32)
+  np.testing.assert_allclose(model_lib.FeatureNormalization(mode)(x), expected(x), rtol=1e-6)
+
+
+def test_feature_normalization_rejects_unknown_mode():
+  with pytest.raises(ValueError, match="normalization"):
+    model_lib.FeatureNormalization("zscore")
+
+
+def test_attention_matches_equations_2_to_4_and_ignores_padding():
+  layer = model_lib.ReferenceAttention(attention_dim=3)
+  rng = np.random.default_rng(0)
+  hidden = rng.normal(size=(2, 4, 5)).astype("float32")
+  mask = np.array([[True, True, True, False], [True, False, False, False]])
+  pooled, attention = layer(hidden, mask)
+  w, b, u = (np.asarray(v) for v in (layer.projection, layer.projection_bias, layer.context))
+  logits = np.tanh(hidden @ w + b) @ u
+  for row, real in enumerate(mask.sum(axis=1)):
+    alpha = np.exp(logits[row, :real]) / np.exp(logits[row, :real]).sum()
+    np.testing.assert_allclose(attention[row, :real], alpha, rtol=1e-5)
+    np.testing.assert_allclose(attention[row, real:], 0.0)
+    np.testing.assert_allclose(pooled[row], alpha @ hidden[row, :real], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_references_do_not_change_class_embedding():
+  model = small_model()
+  before, _ = model.class_embeddings()
+  padded = np.asarray(model.reference_features).copy()
+  padded[1, 2:] = 123.0  # class 1 has 2 real references; the rest is padding
+  model.reference_features.assign(padded)
+  after, attention = model.class_embeddings()
+  np.testing.assert_allclose(before, after, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(attention).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_scoring_with_precomputed_class_embeddings_matches_call():
+  model = small_model()
+  batch = queries()
+  embeddings, _ = model.class_embeddings()
+  np.testing.assert_allclose(
+      model.score_with_class_embeddings(batch["features"], batch["class_id"], embeddings),
+      model(batch)["score"], rtol=1e-5, atol=1e-6)
+
+
+def test_keras_file_round_trips_in_a_fresh_process(tmp_path):
+  model = small_model()
+  model.delta.assign(0.25)
+  path = str(tmp_path / "cleannet.keras")
+  model.save(path)
+  batch = queries()
+  np.save(tmp_path / "features.npy", batch["features"])
+  np.save(tmp_path / "class_id.npy", batch["class_id"])
+  np.save(tmp_path / "expected.npy", np.asarray(model(batch)["score"]))
+  script = textwrap.dedent(f"""
+      import numpy as np, keras
+      import cleannet_tf.model  # registers the classes with Keras
+      model = keras.models.load_model({path!r})
+      d = {str(tmp_path)!r}
+      got = model({{"features": np.load(d + "/features.npy"),
+                    "class_id": np.load(d + "/class_id.npy")}})["score"]
+      np.testing.assert_allclose(got, np.load(d + "/expected.npy"), rtol=1e-6)
+      assert abs(float(model.delta) - 0.25) < 1e-7
+      print("ok")
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
