@@ -1,0 +1,324 @@
+"""Label-noise detection by thresholding, its metrics, and sample weights.
+
+Paper Sec. 3.2-3.3, eq. 11-13. A row is an image with a noisy class label and
+a CleanNet score cos(phi_q, phi_c^s). Conventions used throughout:
+
+* truth (verification label): 1 = the class label is correct ("clean"),
+  0 = mislabeled.
+* decision (eq. 11): 1 = keep as clean if score >= delta, else 0 = flag as
+  mislabeled.
+
+The paper reports the average over classes of the per-class error rate and
+picks one threshold delta for all classes by cross-validation; both are here.
+"""
+
+import numpy as np
+from sklearn.model_selection import KFold, StratifiedKFold
+
+from cleannet_tf.errors import InputError
+
+# Default cap on the number of candidate thresholds searched.
+MAX_CANDIDATES = 2048
+
+# Candidates whose average error is within this of the best count as tied: the
+# error is a float sum over rows, so equal errors may differ by rounding noise.
+_TIE_TOLERANCE = 1e-9
+
+
+def _check_delta(fn, delta):
+  delta = float(delta)
+  if np.isnan(delta):
+    raise InputError(f"{fn}: delta is NaN")
+  return delta
+
+
+def _check_scores(fn, scores):
+  scores = np.asarray(scores)
+  if not np.issubdtype(scores.dtype, np.number) or np.iscomplexobj(scores):
+    raise InputError(f"{fn}: scores must be real numbers, got {scores.dtype}")
+  if not np.all(np.isfinite(scores)):
+    raise InputError(f"{fn}: scores contain NaN or Inf")
+  return scores
+
+
+def _check_binary(fn, name, values, n):
+  values = np.asarray(values)
+  if values.shape != (n,):
+    raise InputError(f"{fn}: {name} must have shape ({n},), got "
+                     f"{values.shape}")
+  if values.size and not np.all((values == 0) | (values == 1)):
+    raise InputError(f"{fn}: {name} must contain only 0 and 1")
+  return values.astype(np.int64)
+
+
+def _check_class_ids(fn, class_ids):
+  class_ids = np.asarray(class_ids)
+  if class_ids.ndim != 1:
+    raise InputError(f"{fn}: class_ids must be 1-D, got shape "
+                     f"{class_ids.shape}")
+  if not class_ids.size:
+    raise InputError(f"{fn}: no rows")
+  if not np.issubdtype(class_ids.dtype, np.integer):
+    raise InputError(f"{fn}: class_ids must be integers, got "
+                     f"{class_ids.dtype}")
+  if class_ids.min() < 0:
+    raise InputError(f"{fn}: class_ids must be >= 0, got {class_ids.min()}")
+  return class_ids.astype(np.int64)
+
+
+def _check_rows(fn, class_ids, truth, scores):
+  """Validates the (class_ids, truth, scores) triple of a metric call.
+
+  Returns:
+    (class_ids int64 [N], truth int64 [N], scores float64 [N]).
+  """
+  class_ids = _check_class_ids(fn, class_ids)
+  truth = _check_binary(fn, "truth", truth, class_ids.size)
+  scores = _check_scores(fn, scores)
+  if scores.shape != class_ids.shape:
+    raise InputError(f"{fn}: scores must have shape {class_ids.shape}, got "
+                     f"{scores.shape}")
+  return class_ids, truth, scores.astype(np.float64)
+
+
+def decisions(scores, delta) -> np.ndarray:
+  """Eq. 11: 1 (keep, clean) where score >= delta, else 0 (mislabeled).
+
+  Args:
+    scores: float array, any shape, finite.
+    delta: the threshold.
+
+  Returns:
+    int64 array of the shape of `scores`.
+  """
+  scores = _check_scores("decisions", scores)
+  return (scores >= _check_delta("decisions", delta)).astype(np.int64)
+
+
+def sample_weights(scores, delta) -> tuple[np.ndarray, np.ndarray]:
+  """Per-sample classifier-loss weights, eq. 12 and eq. 13.
+
+  Args:
+    scores: float array, any shape, finite; cosine similarity of each sample
+      to the reference set of its noisy class.
+    delta: the threshold of eq. 13.
+
+  Returns:
+    (w_soft, w_hard), float32 arrays of the shape of `scores`:
+    w_soft = max(0, score); w_hard = 1 where score >= delta else 0.
+  """
+  scores = _check_scores("sample_weights", scores)
+  w_soft = np.maximum(scores, 0).astype(np.float32)
+  w_hard = (scores >= _check_delta("sample_weights", delta)).astype(np.float32)
+  return w_soft, w_hard
+
+
+def average_per_class_error(class_ids, truth, decided) -> float:
+  """The paper's metric: mean over classes of the within-class error rate.
+
+  Only classes that have rows count, each with equal weight however many rows
+  it has.
+
+  Args:
+    class_ids: int [N], >= 0, N >= 1.
+    truth: int or bool [N] in {0, 1}; verification labels.
+    decided: int or bool [N] in {0, 1}; decisions (eq. 11).
+
+  Returns:
+    The average error rate, in [0, 1].
+  """
+  fn = "average_per_class_error"
+  class_ids = _check_class_ids(fn, class_ids)
+  truth = _check_binary(fn, "truth", truth, class_ids.size)
+  decided = _check_binary(fn, "decided", decided, class_ids.size)
+  rows = np.bincount(class_ids)
+  wrong = np.bincount(class_ids, weights=truth != decided,
+                      minlength=rows.size)
+  present = rows > 0
+  return float(np.mean(wrong[present] / rows[present]))
+
+
+def detection_metrics(class_ids, truth, scores, delta) -> dict:
+  """Detection quality of threshold `delta` on verified rows.
+
+  For precision and recall the positive class is "mislabeled": a true positive
+  is a row with decision 0 and truth 0. Precision is 0.0 when no row is
+  flagged, and recall is 0.0 when no row is mislabeled (0/0 is reported as 0,
+  never NaN, so the dict stays JSON-safe and comparable).
+
+  Args:
+    class_ids: int [N], >= 0, N >= 1.
+    truth: int or bool [N] in {0, 1}; verification labels.
+    scores: float [N], finite.
+    delta: the threshold.
+
+  Returns:
+    dict with float "avg_class_error", "overall_error",
+    "precision_mislabeled", "recall_mislabeled", "delta" and int "num_rows",
+    "num_classes" (classes that have rows).
+  """
+  fn = "detection_metrics"
+  class_ids, truth, scores = _check_rows(fn, class_ids, truth, scores)
+  delta = _check_delta(fn, delta)
+  decided = (scores >= delta).astype(np.int64)
+  flagged = decided == 0
+  mislabeled = truth == 0
+  caught = int(np.count_nonzero(flagged & mislabeled))
+  num_flagged = int(np.count_nonzero(flagged))
+  num_mislabeled = int(np.count_nonzero(mislabeled))
+  return {
+      "avg_class_error": average_per_class_error(class_ids, truth, decided),
+      "overall_error": float(np.mean(truth != decided)),
+      "precision_mislabeled": caught / num_flagged if num_flagged else 0.0,
+      "recall_mislabeled": caught / num_mislabeled if num_mislabeled else 0.0,
+      "num_rows": int(class_ids.size),
+      "num_classes": int(np.count_nonzero(np.bincount(class_ids))),
+      "delta": delta,
+  }
+
+
+def default_candidates(scores, max_candidates=MAX_CANDIDATES) -> np.ndarray:
+  """Candidate thresholds that realise every distinct decision on `scores`.
+
+  The midpoints between consecutive sorted unique scores, plus one point half
+  a mean gap below the minimum (keep all) and one above the maximum (flag
+  all). Midpoints rather than the scores themselves keep the chosen delta away
+  from any verified score, so it is not decided by float rounding on new data.
+  With more than `max_candidates` unique scores, the unique scores are first
+  thinned to `max_candidates` quantiles of the scores (actual score values,
+  denser where the scores are).
+
+  Args:
+    scores: float [N], finite, N >= 1.
+    max_candidates: cap on the number of unique scores used.
+
+  Returns:
+    float64 [T], sorted ascending, T <= max_candidates + 1.
+  """
+  scores = _check_scores("default_candidates", scores).astype(np.float64)
+  if not scores.size:
+    raise InputError("default_candidates: no scores")
+  points = np.unique(scores)
+  if points.size > max_candidates:
+    points = np.unique(np.quantile(scores, np.linspace(0, 1, max_candidates),
+                                   method="inverted_cdf"))
+  gap = (points[-1] - points[0]) / (points.size - 1) if points.size > 1 else 1.0
+  points = np.concatenate([[points[0] - gap], points, [points[-1] + gap]])
+  return (points[:-1] + points[1:]) / 2
+
+
+def select_threshold(class_ids, truth, scores,
+                     candidates=None) -> tuple[float, float]:
+  """One threshold for all classes minimising the average per-class error.
+
+  Paper Sec. 3.2: delta is chosen on verified (held-out) rows and shared by
+  all classes. All candidates are evaluated at once: the average per-class
+  error is a sum over rows of 1 / (C * n_c) for each wrong row (C classes with
+  rows, n_c rows in the row's class), and a row is wrong at delta when it is
+  clean with score < delta or mislabeled with score >= delta. So with rows
+  sorted by score, cumulative sums of those weights give the error of every
+  candidate in O((N + T) log N) time and O(N + T) memory.
+
+  Ties: among the candidates whose error is within 1e-9 of the best, the one
+  closest to their median (the first such, in ascending order) is taken, so a
+  flat optimum gives a delta in its middle.
+
+  Args:
+    class_ids: int [N], >= 0.
+    truth: int or bool [N] in {0, 1}; verification labels.
+    scores: float [N], finite.
+    candidates: optional float [T] thresholds to try; default
+      `default_candidates(scores)`.
+
+  Returns:
+    (delta, average per-class error at delta).
+
+  Raises:
+    InputError: on empty or malformed input.
+  """
+  fn = "select_threshold"
+  if np.size(class_ids) == 0:
+    raise InputError(f"{fn}: no verified rows")
+  class_ids, truth, scores = _check_rows(fn, class_ids, truth, scores)
+  if candidates is None:
+    candidates = default_candidates(scores)
+  else:
+    candidates = _check_scores(fn, candidates)
+    if candidates.ndim != 1 or not candidates.size:
+      raise InputError(f"{fn}: candidates must be a non-empty 1-D array, got "
+                       f"shape {candidates.shape}")
+    candidates = np.unique(candidates.astype(np.float64))
+
+  rows = np.bincount(class_ids)
+  weight = 1.0 / (np.count_nonzero(rows) * rows[class_ids])
+  order = np.argsort(scores, kind="stable")
+  sorted_scores = scores[order]
+  # clean_below[j]: weight of clean rows among the j lowest scores;
+  # noisy_below[j]: same for mislabeled rows.
+  clean_below = np.concatenate(
+      [[0.0], np.cumsum(weight[order] * truth[order])])
+  noisy_below = np.concatenate(
+      [[0.0], np.cumsum(weight[order] * (1 - truth[order]))])
+  # Rows with score < t are decided 0: clean ones there and mislabeled ones
+  # at or above t are the errors.
+  below = np.searchsorted(sorted_scores, candidates, side="left")
+  errors = clean_below[below] + (noisy_below[-1] - noisy_below[below])
+
+  tied = np.flatnonzero(errors <= errors.min() + _TIE_TOLERANCE)
+  tied_values = candidates[tied]
+  best = tied[np.argmin(np.abs(tied_values - np.median(tied_values)))]
+  delta = float(candidates[best])
+  # Recomputed exactly per class rather than read from the cumulative sums.
+  return delta, average_per_class_error(
+      class_ids, truth, (scores >= delta).astype(np.int64))
+
+
+def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0) -> dict:
+  """Cross-validated error of the "select one threshold" rule.
+
+  Each fold's threshold is chosen on the other folds and scored on the fold.
+  Folds are stratified by class so that every class is spread over them; when
+  some class has fewer rows than `folds`, stratification is impossible and
+  plain shuffled K-fold is used instead.
+
+  Args:
+    class_ids: int [N], >= 0, N >= folds.
+    truth: int or bool [N] in {0, 1}; verification labels.
+    scores: float [N], finite.
+    folds: number of folds, >= 2.
+    seed: seed of the fold shuffling.
+
+  Returns:
+    dict with "delta" (float, threshold chosen on all rows, the one to use),
+    "cv_avg_class_error" (float, mean of the fold errors), "fold_errors"
+    (list of float, average per-class error on each held-out fold) and
+    "fold_deltas" (list of float, threshold chosen for each fold).
+  """
+  fn = "select_threshold_cv"
+  if np.size(class_ids) == 0:
+    raise InputError(f"{fn}: no verified rows")
+  class_ids, truth, scores = _check_rows(fn, class_ids, truth, scores)
+  if folds < 2:
+    raise InputError(f"{fn}: folds must be >= 2, got {folds}")
+  if class_ids.size < folds:
+    raise InputError(f"{fn}: {class_ids.size} verified rows, fewer than "
+                     f"folds={folds}")
+  rows = np.bincount(class_ids)
+  if rows[rows > 0].min() >= folds:
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+  else:
+    splitter = KFold(n_splits=folds, shuffle=True, random_state=seed)
+  fold_errors, fold_deltas = [], []
+  for fit, held_out in splitter.split(scores, class_ids):
+    delta, _ = select_threshold(class_ids[fit], truth[fit], scores[fit])
+    fold_deltas.append(delta)
+    fold_errors.append(average_per_class_error(
+        class_ids[held_out], truth[held_out],
+        (scores[held_out] >= delta).astype(np.int64)))
+  delta, _ = select_threshold(class_ids, truth, scores)
+  return {
+      "delta": delta,
+      "cv_avg_class_error": float(np.mean(fold_errors)),
+      "fold_errors": fold_errors,
+      "fold_deltas": fold_deltas,
+  }

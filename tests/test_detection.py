@@ -1,0 +1,152 @@
+"""Tests of cleannet_tf.detection: eq. 11-13, metrics and threshold search."""
+
+import numpy as np
+import pytest
+
+from cleannet_tf import detection
+from cleannet_tf.errors import InputError
+
+# Hand-made verified rows, two classes (ids 0 and 3: id 1, 2 have no rows and
+# must not count as classes).
+#   class 0: truth [1, 1, 0, 0], scores [0.9, 0.3, 0.6, 0.1]
+#   class 3: truth [1, 0, 0],    scores [0.8, 0.2, 0.7]
+CLASS_IDS = np.array([0, 0, 0, 0, 3, 3, 3])
+TRUTH = np.array([1, 1, 0, 0, 1, 0, 0])
+SCORES = np.array([0.9, 0.3, 0.6, 0.1, 0.8, 0.2, 0.7])
+
+
+def test_decisions_eq11():
+  np.testing.assert_array_equal(
+      detection.decisions([0.2, 0.5, 0.7, -1.0], 0.5), [0, 1, 1, 0])
+  assert detection.decisions(np.zeros(3), 0.0).dtype == np.int64
+
+
+def test_sample_weights():
+  scores = np.array([-0.4, 0.0, 0.3, 0.9], np.float32)
+  w_soft, w_hard = detection.sample_weights(scores, 0.3)
+  assert w_soft.dtype == np.float32 and w_hard.dtype == np.float32
+  np.testing.assert_allclose(w_soft, [0.0, 0.0, 0.3, 0.9])
+  np.testing.assert_array_equal(w_hard, detection.decisions(scores, 0.3))
+  np.testing.assert_array_equal(w_hard, [0, 0, 1, 1])
+
+
+def test_detection_metrics_hand_computed():
+  m = detection.detection_metrics(CLASS_IDS, TRUTH, SCORES, 0.5)
+  # delta 0.5 -> decisions class 0: [1, 0, 1, 0] vs truth [1, 1, 0, 0]:
+  # 2 wrong of 4 = 1/2; class 3: [1, 0, 1] vs [1, 0, 0]: 1 wrong of 3 = 1/3.
+  # avg = (1/2 + 1/3) / 2 = 5/12; overall = 3 wrong / 7 rows.
+  assert m["avg_class_error"] == pytest.approx(5 / 12)
+  assert m["overall_error"] == pytest.approx(3 / 7)
+  # Flagged (decision 0): 0.3 (clean), 0.1 (mislabeled), 0.2 (mislabeled):
+  # precision 2/3. Mislabeled rows: 0.6, 0.1, 0.2, 0.7, caught 2: recall 2/4.
+  assert m["precision_mislabeled"] == pytest.approx(2 / 3)
+  assert m["recall_mislabeled"] == pytest.approx(1 / 2)
+  assert m["num_rows"] == 7 and m["num_classes"] == 2 and m["delta"] == 0.5
+
+
+def test_detection_metrics_zero_division_is_zero():
+  # Nothing flagged and nothing mislabeled: 0/0 precision and recall -> 0.0.
+  m = detection.detection_metrics([0, 0], [1, 1], [0.8, 0.9], 0.1)
+  assert m["precision_mislabeled"] == 0.0 and m["recall_mislabeled"] == 0.0
+  assert m["avg_class_error"] == 0.0
+
+
+def test_average_per_class_error_weights_classes_equally():
+  # Class 0: 1 wrong of 1 -> 1.0; class 5: 0 wrong of 3 -> 0.0; mean 0.5
+  # (not 1/4, the row-weighted error).
+  err = detection.average_per_class_error(
+      [0, 5, 5, 5], [1, 1, 0, 1], [0, 1, 0, 1])
+  assert err == pytest.approx(0.5)
+
+
+def test_select_threshold_hand_computed_non_separable():
+  # Row weight 1 / (C * n_c): class 0 rows 1/8, class 3 rows 1/6. Error per
+  # delta interval = weight of clean rows below + mislabeled rows at/above:
+  #   <=0.1: 2/8 + 2/6 = 14/24   (0.1,0.2]: 1/8 + 2/6 = 11/24
+  #   (0.2,0.3]: 1/8 + 1/6 = 7/24  (0.3,0.6]: 1/8 + 1/8 + 1/6 = 10/24
+  #   (0.6,0.7]: 1/8 + 1/6 = 7/24  (0.7,0.8]: 1/8 = 3/24 (best)
+  #   (0.8,0.9]: 1/8 + 1/6 = 7/24  >0.9: 2/8 + 1/6 = 10/24
+  delta, err = detection.select_threshold(CLASS_IDS, TRUTH, SCORES)
+  assert err == pytest.approx(3 / 24)
+  assert delta == pytest.approx(0.75)  # the midpoint of (0.7, 0.8]
+
+
+def test_select_threshold_separable():
+  rng = np.random.default_rng(0)
+  class_ids = rng.integers(0, 4, size=200)
+  truth = rng.integers(0, 2, size=200)
+  scores = np.where(truth == 1, rng.uniform(0.5, 1.0, 200),
+                    rng.uniform(-1.0, 0.2, 200))
+  delta, err = detection.select_threshold(class_ids, truth, scores)
+  assert err == 0.0
+  assert scores[truth == 0].max() < delta < scores[truth == 1].min()
+
+
+def test_select_threshold_ties_take_median_candidate():
+  # 0.3, 0.4 and 0.5 all separate perfectly; 0.9 does not. Median is 0.4.
+  delta, err = detection.select_threshold(
+      [0] * 5, [0, 0, 1, 1, 1], [0.1, 0.2, 0.6, 0.7, 0.8],
+      candidates=[0.9, 0.5, 0.3, 0.4])
+  assert (delta, err) == (0.4, 0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_select_threshold_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  n = 300
+  class_ids = rng.integers(0, 7, size=n)
+  truth = rng.integers(0, 2, size=n)
+  # Rounded to make ties between scores; signal depends on truth.
+  scores = np.round(rng.normal(size=n) * 0.3 + 0.4 * truth, 2)
+  delta, err = detection.select_threshold(class_ids, truth, scores)
+  brute = [detection.average_per_class_error(class_ids, truth,
+                                             detection.decisions(scores, t))
+           for t in detection.default_candidates(scores)]
+  assert err == pytest.approx(min(brute), abs=1e-12)
+  assert detection.average_per_class_error(
+      class_ids, truth, detection.decisions(scores, delta)) == err
+
+
+def test_default_candidates():
+  cands = detection.default_candidates(np.array([0.5, 0.1, 0.3, 0.3]))
+  # Unique [0.1, 0.3, 0.5], mean gap 0.2 -> ends 0.0 and 0.6.
+  np.testing.assert_allclose(cands, [0.0, 0.2, 0.4, 0.6])
+  many = detection.default_candidates(
+      np.random.default_rng(0).normal(size=10000), max_candidates=2048)
+  assert many.size <= 2049 and np.all(np.diff(many) > 0)
+
+
+def test_select_threshold_empty_input():
+  with pytest.raises(InputError, match="select_threshold: no verified rows"):
+    detection.select_threshold([], [], [])
+
+
+def test_bad_input_raises_input_error():
+  with pytest.raises(InputError, match="truth"):
+    detection.detection_metrics([0, 1], [1, 2], [0.1, 0.2], 0.5)
+  with pytest.raises(InputError, match="scores"):
+    detection.select_threshold([0, 1], [1, 0], [0.1, np.nan])
+
+
+def test_select_threshold_cv_separable():
+  rng = np.random.default_rng(3)
+  class_ids = np.repeat(np.arange(5), 40)
+  truth = rng.integers(0, 2, size=200)
+  scores = np.where(truth == 1, rng.uniform(0.5, 1.0, 200),
+                    rng.uniform(-1.0, 0.2, 200))
+  out = detection.select_threshold_cv(class_ids, truth, scores, folds=5)
+  assert len(out["fold_errors"]) == 5 and len(out["fold_deltas"]) == 5
+  assert out["cv_avg_class_error"] == 0.0
+  assert scores[truth == 0].max() < out["delta"] < scores[truth == 1].min()
+  # Deterministic for a seed.
+  assert detection.select_threshold_cv(class_ids, truth, scores) == out
+
+
+def test_select_threshold_cv_small_class_falls_back_to_kfold():
+  # Class 3 holds 2 rows, fewer than 5 folds: stratification impossible.
+  class_ids = np.concatenate([np.repeat([0, 1, 2], 20), [3, 3]])
+  truth = np.tile([0, 1], 31)
+  scores = np.where(truth == 1, 0.8, 0.1) + np.linspace(0, 0.05, 62)
+  out = detection.select_threshold_cv(class_ids, truth, scores, folds=5)
+  assert len(out["fold_errors"]) == 5
+  assert out["cv_avg_class_error"] == pytest.approx(np.mean(out["fold_errors"]))
