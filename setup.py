@@ -20,6 +20,8 @@ setup(
         "numpy>=1.26,<3",
         "scikit-learn>=1.3,<2",
         "absl-py>=2.0,<3",
+        # tf.summary needs it; tensorflow 2.21 no longer installs it.
+        "tensorboard>=2.16,<3",
         "tensorflow-datasets>=4.9,<5",
         "tensorflow-serving-api>=2.16,<2.22",
     ],

@@ -1,0 +1,326 @@
+"""Training CleanNet with a custom loop under a ``tf.distribute`` strategy.
+
+The loop follows the paper (Sec. 3.1) and the authors' release (DEFAULTS.md):
+each global batch holds verified queries and, by default as many, unverified
+queries drawn class-uniformly; SGD with momentum, a step learning-rate decay and
+L2 weight decay; validation on held-out verified rows every ``eval_every``
+steps, keeping the best model by average per-class error, with the threshold
+delta chosen on those rows stored inside it.
+
+Input batches are built on the host by one checkpointable ``tf.data``
+iterator and split among replicas by ``distribute_values_from_function``, so
+that a resumed run continues from the exact batch it stopped at, and any
+strategy sees the same global batches.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cleannet_tf import data, detection, distribute, losses, model as model_lib, scoring
+from cleannet_tf.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Training hyperparameters; defaults follow DEFAULTS.md (the authors' release)."""
+  steps: int = 60_000
+  global_batch_size: int = 64
+  unverified_fraction: float = 0.5
+  learning_rate: float = 0.01
+  momentum: float = 0.9
+  lr_decay_steps: int = 30_000
+  lr_decay_rate: float = 0.1
+  weight_decay: float = 1e-4
+  loss: losses.LossWeights = losses.LossWeights()
+  val_fraction: float = 0.2
+  eval_every: int = 2_000
+  checkpoint_every: int = 1_000
+  log_every: int = 100
+  keep_checkpoints: int = 3
+  shuffle_buffer: int = 10_000
+  seed: int = 0
+
+  def batch_split(self, num_replicas):
+    """(verified, unverified) queries per global batch, each divisible by replicas."""
+    if self.global_batch_size % num_replicas:
+      raise InputError(f"--batch_size={self.global_batch_size} is not divisible by "
+                       f"the {num_replicas} replicas")
+    per_replica = self.global_batch_size // num_replicas
+    unverified = int(round(per_replica * self.unverified_fraction))
+    if not 0 <= unverified < per_replica:
+      raise InputError(f"--unverified_fraction={self.unverified_fraction} leaves no "
+                       "verified query in a replica's batch")
+    return (per_replica - unverified) * num_replicas, unverified * num_replicas
+
+
+def split_verified(class_ids, val_fraction, seed):
+  """Stratified split of verified rows into train and validation indices.
+
+  Each class with at least two verified rows gives round(val_fraction * n)
+  rows (at least one) to validation; a class with one row keeps it for
+  training. Returns (train_indices, val_indices), both sorted int64 arrays.
+  """
+  rng = np.random.default_rng(seed)
+  permutation = rng.permutation(len(class_ids))
+  # Rank of each row within its class, in the random order.
+  order = permutation[np.argsort(class_ids[permutation], kind="stable")]
+  sorted_classes = class_ids[order]
+  starts = np.searchsorted(sorted_classes, sorted_classes, side="left")
+  rank = np.arange(len(order)) - starts
+  counts = np.bincount(class_ids)[sorted_classes]
+  num_val = np.where(counts >= 2, np.maximum(1, np.round(val_fraction * counts)), 0)
+  is_val = rank < num_val
+  return np.sort(order[~is_val]), np.sort(order[is_val])
+
+
+def _class_uniform_filter(class_counts, seed):
+  """A tf.data filter that keeps rows so that kept rows are class-uniform.
+
+  A row of class c is kept with probability floor / n_c, where n_c is the
+  class's number of unverified rows and floor the 10th percentile of the
+  non-zero n_c (classes smaller than that are kept whole, so they stay slightly
+  under-represented rather than starving the stream). The coin is stateless
+  in (seed, position), so the stream is reproducible and checkpointable.
+  """
+  present = class_counts[class_counts > 0]
+  floor = np.percentile(present, 10)
+  keep = np.where(class_counts > 0, np.minimum(1.0, floor / np.maximum(class_counts, 1)), 0.0)
+  keep = tf.constant(keep, tf.float32)
+
+  def predicate(position, row):
+    coin = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64), position]))
+    return coin < tf.gather(keep, row["class_id"])
+
+  return predicate
+
+
+def _query_fields(rows):
+  return {"features": rows["features"], "class_id": rows["class_id"],
+          "verification": rows["verification"]}
+
+
+def training_dataset(verified, unverified_info, config, num_verified, num_unverified):
+  """Global batches: ({verified queries},) or ({verified}, {unverified queries}).
+
+  Args:
+    verified: dict of numpy arrays (features, class_id, verification) held in
+      memory: verified rows are few.
+    unverified_info: a ``data.FeatureSetInfo`` whose unverified rows are
+      streamed, shuffled and drawn class-uniformly, or None.
+    num_verified, num_unverified: queries of each kind per global batch.
+  """
+  verified_ds = (tf.data.Dataset.from_tensor_slices(_query_fields(verified))
+                 .shuffle(len(verified["class_id"]), seed=config.seed)
+                 .repeat()
+                 .batch(num_verified, drop_remainder=True))
+  if not num_unverified:
+    return verified_ds.map(lambda v: (v,)).prefetch(2)
+  unverified_ds = (data.feature_dataset(unverified_info, verification="unverified")
+                   .map(_query_fields)
+                   .shuffle(config.shuffle_buffer, seed=config.seed + 1)
+                   .repeat()
+                   .enumerate()
+                   .filter(_class_uniform_filter(unverified_info.class_counts[:, 0],
+                                                 config.seed + 2))
+                   .map(lambda _, row: row)
+                   .batch(num_unverified, drop_remainder=True))
+  return tf.data.Dataset.zip((verified_ds, unverified_ds)).prefetch(2)
+
+
+def _distribute_batch(strategy, verified, unverified=None):
+  """Gives each replica its share of both kinds of queries."""
+
+  def replica_batch(context):
+    replicas, replica = context.num_replicas_in_sync, context.replica_id_in_sync_group
+    parts = [verified] if unverified is None else [verified, unverified]
+    sliced = []
+    for part in parts:
+      size = part["class_id"].shape[0] // replicas
+      sliced.append({name: value[replica * size:(replica + 1) * size]
+                     for name, value in part.items()})
+    return {name: tf.concat([part[name] for part in sliced], axis=0) for name in sliced[0]}
+
+  return strategy.experimental_distribute_values_from_function(replica_batch)
+
+
+def _decayed_variables(model):
+  """Weights under L2 decay: every trainable variable but biases."""
+  return [v for v in model.trainable_variables if not v.path.endswith("bias")]
+
+
+def evaluate(model, val):
+  """Scores verified validation rows; picks delta; returns a metrics dict."""
+  scores = scoring.Scorer(model).score(val["features"], val["class_id"])
+  truth = val["verification"]
+  delta, _ = detection.select_threshold(val["class_id"], truth, scores)
+  return detection.detection_metrics(val["class_id"], truth, scores, delta)
+
+
+def _save_keras_atomically(model, path):
+  temporary = path[:-len(".keras")] + ".tmp.keras"
+  model.save(temporary)
+  os.replace(temporary, path)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  model: keras.Model
+  best_step: int
+  best_metrics: dict
+  model_path: str
+
+
+class Trainer:
+  """Trains one CleanNet into ``model_dir``; a rerun resumes from its checkpoints.
+
+  ``model_dir`` receives ``checkpoints/`` (tf.train.CheckpointManager: model,
+  optimizer, input iterator, best-so-far), ``tensorboard/``, ``best.keras``
+  (best validation error so far, with its delta), and at the end
+  ``model.keras`` and ``summary.json``.
+  """
+
+  def __init__(self, model_config, references, train_info, model_dir,
+               config=TrainConfig(), strategy=None, val_info=None):
+    self.config = config
+    self.model_dir = model_dir
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.train_info = train_info
+    verified = data.load_arrays(train_info, verification="verified")
+    if not len(verified["class_id"]):
+      raise InputError(f"{train_info.directory}: no verified rows (verification 0 or 1); "
+                       "CleanNet needs some to learn what a correct label looks like")
+    if val_info is not None:
+      self.train_rows = verified
+      self.val_rows = data.load_arrays(val_info, verification="verified")
+      source = val_info.directory
+    else:
+      train_idx, val_idx = split_verified(verified["class_id"], config.val_fraction, config.seed)
+      self.train_rows = {k: v[train_idx] for k, v in verified.items()}
+      self.val_rows = {k: v[val_idx] for k, v in verified.items()}
+      source = f"{train_info.directory} (held-out {config.val_fraction:.0%} of verified rows)"
+    if not len(self.val_rows["class_id"]) or not len(self.train_rows["class_id"]):
+      raise InputError(f"{source}: too few verified rows to hold out validation rows; "
+                       "add verification labels or pass --val_features")
+    replicas = self.strategy.num_replicas_in_sync
+    num_verified, num_unverified = config.batch_split(replicas)
+    if num_unverified and not train_info.class_counts[:, 0].sum():
+      logging.warning("%s has no unverified rows: batches hold verified queries only",
+                      train_info.directory)
+      num_verified, num_unverified = config.global_batch_size, 0
+    self.dataset = training_dataset(self.train_rows, train_info, config, num_verified,
+                                    num_unverified)
+
+    with self.strategy.scope():
+      self.model = model_lib.CleanNet(**model_config)
+      self.model.set_reference_sets(references)
+      schedule = keras.optimizers.schedules.ExponentialDecay(
+          config.learning_rate, config.lr_decay_steps, config.lr_decay_rate, staircase=True)
+      self.optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+      # Built here, in the strategy's scope: building lazily inside the first
+      # distributed step fails in replica context.
+      self.optimizer.build(self.model.trainable_variables)
+      self.best_error = tf.Variable(np.inf, dtype=tf.float64, trainable=False)
+      self.best_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+    self.iterator = iter(self.dataset)
+    self.checkpoint = tf.train.Checkpoint(
+        model=self.model, optimizer=self.optimizer, iterator=self.iterator,
+        best_error=self.best_error, best_step=self.best_step)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, distribute.worker_directory(
+            os.path.join(model_dir, "checkpoints"), self.strategy),
+        max_to_keep=config.keep_checkpoints)
+    self._train_step = tf.function(self._distributed_step)
+
+  @property
+  def step(self):
+    return int(self.optimizer.iterations.numpy())
+
+  def _replica_step(self, batch):
+    config = self.config
+    with tf.GradientTape() as tape:
+      outputs = self.model(batch, training=True)
+      per_query = losses.total_loss(outputs, batch["verification"], config.loss)
+      loss = tf.nn.compute_average_loss(per_query["total"],
+                                        global_batch_size=config.global_batch_size)
+      decay = 0.5 * config.weight_decay * tf.add_n(
+          [tf.reduce_sum(tf.square(v)) for v in _decayed_variables(self.model)])
+      loss += tf.nn.scale_regularization_loss(decay)
+    gradients = tape.gradient(loss, self.model.trainable_variables)
+    self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+    metrics = {name: tf.reduce_sum(value) / config.global_batch_size
+               for name, value in per_query.items()}
+    metrics["loss"] = loss
+    return metrics
+
+  def _distributed_step(self, batch):
+    per_replica = self.strategy.run(self._replica_step, args=(batch,))
+    return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+  def train_steps(self, batches):
+    """Runs one step per given global batch (for tests); returns the metrics."""
+    return [{k: float(v) for k, v in self._train_step(
+        _distribute_batch(self.strategy, *batch)).items()} for batch in batches]
+
+  def train(self):
+    """Trains to ``config.steps`` total steps, resuming if checkpoints exist."""
+    config = self.config
+    restored = self.manager.restore_or_initialize()
+    if restored:
+      logging.info("Resumed from %s at step %d", restored, self.step)
+    writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "tensorboard"))
+    best_path = os.path.join(self.model_dir, "best.keras")
+    chief = distribute.is_chief(self.strategy)
+    started, start_step = time.time(), self.step
+    while self.step < config.steps:
+      metrics = self._train_step(_distribute_batch(self.strategy, *next(self.iterator)))
+      step = self.step
+      if step % config.log_every == 0 or step == config.steps:
+        rate = (step - start_step) / max(time.time() - started, 1e-9)
+        logging.info("step %d/%d loss %.4f (sup %.4f rec %.4f unsup %.4f) %.1f steps/s",
+                     step, config.steps, metrics["loss"], metrics["supervised"],
+                     metrics["reconstruction"], metrics["unsupervised"], rate)
+        with writer.as_default(step=step):
+          for name, value in metrics.items():
+            tf.summary.scalar(f"train/{name}", value)
+          tf.summary.scalar("train/learning_rate", self.optimizer.learning_rate)
+      if step % config.eval_every == 0 or step == config.steps:
+        result = evaluate(self.model, self.val_rows)
+        logging.info("step %d validation: avg class error %.4f at delta %.3f", step,
+                     result["avg_class_error"], result["delta"])
+        with writer.as_default(step=step):
+          tf.summary.scalar("val/avg_class_error", result["avg_class_error"])
+          tf.summary.scalar("val/delta", result["delta"])
+        if result["avg_class_error"] < self.best_error.numpy():
+          self.best_error.assign(result["avg_class_error"])
+          self.best_step.assign(step)
+          self.model.delta.assign(result["delta"])
+          if chief:
+            _save_keras_atomically(self.model, best_path)
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        self.manager.save(checkpoint_number=step)
+    writer.flush()
+    return self._finish(best_path, chief)
+
+  def _finish(self, best_path, chief):
+    if not chief:
+      return TrainResult(self.model, int(self.best_step.numpy()), {}, "")
+    best = keras.models.load_model(best_path)
+    best_metrics = evaluate(best, self.val_rows)
+    model_path = os.path.join(self.model_dir, "model.keras")
+    _save_keras_atomically(best, model_path)
+    summary = {"best_step": int(self.best_step.numpy()), "validation": best_metrics,
+               "num_train_verified": int(len(self.train_rows["class_id"])),
+               "num_val_verified": int(len(self.val_rows["class_id"])),
+               "config": dataclasses.asdict(self.config)}
+    temporary = os.path.join(self.model_dir, "summary.json.tmp")
+    with open(temporary, "w", encoding="utf-8") as out:
+      json.dump(summary, out, indent=2, default=float)
+    os.replace(temporary, os.path.join(self.model_dir, "summary.json"))
+    return TrainResult(best, int(self.best_step.numpy()), best_metrics, model_path)

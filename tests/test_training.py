@@ -1,0 +1,154 @@
+"""The training loop: strategies, resume, validation, the written model."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cleannet_tf import data, references, training
+from cleannet_tf.errors import InputError
+
+NUM_CLASSES, DIM = 4, 8
+MODEL_CONFIG = dict(num_classes=NUM_CLASSES, num_references=3, feature_dim=DIM,
+                    query_hidden_dim=16, embedding_dim=8, reference_hidden_dims=(16, 8),
+                    attention_dim=8)
+
+
+def make_feature_set(directory, n=160, verified_share=0.5, seed=0, imbalance=False):
+  """Class blobs with 25% wrong labels; ``verified_share`` of rows verified."""
+  rng = np.random.default_rng(seed)
+  true = rng.integers(0, NUM_CLASSES, n)
+  if imbalance:
+    true = np.minimum(rng.geometric(0.5, n) - 1, NUM_CLASSES - 1)
+  noisy = np.where(rng.random(n) < 0.25, rng.integers(0, NUM_CLASSES, n), true)
+  centres = rng.random((NUM_CLASSES, DIM)) * 3
+  features = np.abs(centres[true] + rng.normal(scale=0.3, size=(n, DIM))).astype(np.float32)
+  verification = np.where(rng.random(n) < verified_share, (noisy == true).astype(int), -1)
+  keys = np.array([f"row-{i}" for i in range(n)])
+  return data.write_features(str(directory), keys, features, noisy, verification,
+                             [f"c{c}" for c in range(NUM_CLASSES)], rows_per_shard=64)
+
+
+def reference_sets(info):
+  rows = data.load_arrays(info, verification="all")
+  return references.build_kmeans_references(rows["features"], rows["class_id"], NUM_CLASSES,
+                                            k=3, seed=0)
+
+
+def config(**overrides):
+  base = dict(steps=6, global_batch_size=8, eval_every=3, checkpoint_every=3, log_every=3,
+              shuffle_buffer=32, lr_decay_steps=4)
+  return training.TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def feature_set(tmp_path_factory):
+  return make_feature_set(tmp_path_factory.mktemp("features"))
+
+
+def weights_of(model):
+  return [np.asarray(w) for w in model.trainable_weights]
+
+
+def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path):
+  refs = reference_sets(feature_set)
+  keras.utils.set_random_seed(0)
+  single = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "a"), config())
+  mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  mirrored = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "b"),
+                              config(), strategy=mirrored_strategy)
+  assert mirrored.strategy.num_replicas_in_sync == 2
+  mirrored.model.set_weights(single.model.get_weights())
+  batches = [next(single.iterator) for _ in range(4)]
+  single_metrics = single.train_steps(batches)
+  mirrored_metrics = mirrored.train_steps(batches)
+  for a, b in zip(single_metrics, mirrored_metrics):
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+  for a, b in zip(weights_of(single.model), weights_of(mirrored.model)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(weights_of(single.model)[0],
+                         weights_of(training.Trainer(
+                             MODEL_CONFIG, refs, feature_set, str(tmp_path / "c"),
+                             config()).model)[0])
+
+
+def test_resume_matches_an_uninterrupted_run(feature_set, tmp_path):
+  refs = reference_sets(feature_set)
+
+  def run(directory, steps):
+    keras.utils.set_random_seed(0)
+    trainer = training.Trainer(MODEL_CONFIG, refs, feature_set, str(directory),
+                               config(steps=steps))
+    trainer.train()
+    return trainer
+
+  run(tmp_path / "resumed", 3)
+  resumed = run(tmp_path / "resumed", 6)
+  straight = run(tmp_path / "straight", 6)
+  assert resumed.step == straight.step == 6
+  for a, b in zip(weights_of(resumed.model), weights_of(straight.model)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_training_writes_a_keras_model_that_scores_alike_in_a_fresh_process(
+    feature_set, tmp_path):
+  keras.utils.set_random_seed(0)
+  trainer = training.Trainer(MODEL_CONFIG, reference_sets(feature_set), feature_set,
+                             str(tmp_path), config())
+  result = trainer.train()
+  for name in ("model.keras", "best.keras", "summary.json"):
+    assert os.path.exists(tmp_path / name)
+  assert os.listdir(tmp_path / "tensorboard")
+  rows = data.load_arrays(feature_set, verification="all")
+  from cleannet_tf import scoring
+  expected = scoring.Scorer(result.model).score(rows["features"], rows["class_id"])
+  np.save(tmp_path / "features.npy", rows["features"])
+  np.save(tmp_path / "class_id.npy", rows["class_id"])
+  np.save(tmp_path / "expected.npy", expected)
+  script = textwrap.dedent(f"""
+      import numpy as np, keras
+      import cleannet_tf  # noqa: registers the model classes
+      import cleannet_tf.model
+      d = {str(tmp_path)!r}
+      model = keras.models.load_model(d + "/model.keras")
+      got = model({{"features": np.load(d + "/features.npy"),
+                    "class_id": np.load(d + "/class_id.npy")}})["score"]
+      np.testing.assert_allclose(got, np.load(d + "/expected.npy"), rtol=1e-5, atol=1e-6)
+      print("ok", float(model.delta))
+  """)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert out.stdout.startswith("ok"), out.stderr[-2000:]
+  assert float(out.stdout.split()[1]) == pytest.approx(result.best_metrics["delta"], abs=1e-6)
+
+
+def test_no_verified_rows_is_a_one_line_error_naming_the_directory(tmp_path):
+  info = make_feature_set(tmp_path / "unverified", verified_share=0.0)
+  with pytest.raises(InputError, match="unverified.*no verified rows"):
+    training.Trainer(MODEL_CONFIG, reference_sets(info), info, str(tmp_path / "m"), config())
+
+
+def test_split_verified_is_stratified_and_disjoint():
+  class_ids = np.repeat(np.arange(3), [10, 5, 1])
+  train, val = training.split_verified(class_ids, 0.2, seed=0)
+  assert not set(train) & set(val)
+  assert len(train) + len(val) == len(class_ids)
+  assert np.bincount(class_ids[val], minlength=3).tolist() == [2, 1, 0]
+
+
+def test_unverified_queries_are_drawn_class_uniformly(tmp_path):
+  info = make_feature_set(tmp_path / "imbalanced", n=800, verified_share=0.2, imbalance=True)
+  counts = info.class_counts[:, 0]
+  assert counts.max() / counts.sum() > 0.4  # one class holds over 40% of the rows
+  rows = data.load_arrays(info, verification="verified")
+  dataset = training.training_dataset(rows, info, config(shuffle_buffer=800), 4, 50)
+  drawn = np.concatenate([unverified["class_id"].numpy()
+                          for _, unverified in dataset.take(40)])
+  share = np.bincount(drawn, minlength=NUM_CLASSES) / len(drawn)
+  # Every class drawn roughly equally often, although one class dominates the
+  # rows (the rarest class, below the 10th-percentile floor, is kept whole).
+  assert share.max() < 0.3, share

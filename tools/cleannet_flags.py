@@ -1,0 +1,82 @@
+"""The CleanNet model and training flags, shared by the train and demo binaries.
+
+Defaults are the library's (``TrainConfig``, ``CleanNet``), which follow
+DEFAULTS.md; importing this module defines the flags.
+"""
+
+from absl import flags
+
+from cleannet_tf import distribute, losses, model, training
+
+_TRAIN = training.TrainConfig()
+_LOSS = losses.LossWeights()
+
+# Model.
+flags.DEFINE_enum("normalization", "log1p", list(model.NORMALIZATIONS),
+                  "Feature normalisation before both encoders.")
+flags.DEFINE_integer("num_references", 50, "K: references per class (K-means centroids).")
+flags.DEFINE_integer("query_hidden_dim", 256, "Hidden width of the query autoencoder.")
+flags.DEFINE_integer("embedding_dim", 128, "Width of query and class embeddings.")
+flags.DEFINE_list("reference_hidden_dims", ["512", "256"],
+                  "Widths of the 2-layer MLP applied to each reference.")
+flags.DEFINE_integer("attention_dim", 256, "Width of u_i in the attention (Eq. 2).")
+flags.DEFINE_float("dropout", 0.0, "Dropout between the reference MLP's layers.")
+# Training.
+flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES),
+                  "auto: MultiWorkerMirrored with TF_CONFIG, Mirrored on GPUs, else default.")
+flags.DEFINE_integer("steps", _TRAIN.steps, "Total training steps (a rerun resumes).")
+flags.DEFINE_integer("batch_size", _TRAIN.global_batch_size, "Global batch size.")
+flags.DEFINE_float("unverified_fraction", _TRAIN.unverified_fraction,
+                   "Share of each batch given to unverified queries (drawn class-uniformly).")
+flags.DEFINE_float("learning_rate", _TRAIN.learning_rate, "SGD learning rate.")
+flags.DEFINE_float("momentum", _TRAIN.momentum, "SGD momentum.")
+flags.DEFINE_integer("lr_decay_steps", _TRAIN.lr_decay_steps,
+                     "Multiply the learning rate by --lr_decay_rate every this many steps.")
+flags.DEFINE_float("lr_decay_rate", _TRAIN.lr_decay_rate, "Step decay factor.")
+flags.DEFINE_float("weight_decay", _TRAIN.weight_decay, "L2 weight decay (wd * sum(w^2) / 2).")
+flags.DEFINE_float("margin", _LOSS.margin, "rho: cosine margin (Eq. 6, 8).")
+flags.DEFINE_float("negative_weight", _LOSS.negative_weight, "omega: weight of l=0 queries.")
+flags.DEFINE_float("beta", _LOSS.beta, "Weight of the reconstruction loss (Eq. 9).")
+flags.DEFINE_float("gamma", _LOSS.gamma, "Weight of the unsupervised loss (Eq. 9).")
+flags.DEFINE_float("val_fraction", _TRAIN.val_fraction,
+                   "Share of verified rows held out for validation (without --val_features).")
+flags.DEFINE_integer("eval_every", _TRAIN.eval_every, "Validate every this many steps.")
+flags.DEFINE_integer("checkpoint_every", _TRAIN.checkpoint_every, "Checkpoint period.")
+flags.DEFINE_integer("log_every", _TRAIN.log_every, "Progress/TensorBoard period.")
+flags.DEFINE_integer("shuffle_buffer", _TRAIN.shuffle_buffer,
+                     "Shuffle buffer (rows) of the unverified stream.")
+flags.DEFINE_integer("seed", _TRAIN.seed, "Seed for splits, shuffling and initialisation.")
+
+FLAGS = flags.FLAGS
+
+for _name in ("num_references", "query_hidden_dim", "embedding_dim", "attention_dim", "steps",
+              "batch_size", "lr_decay_steps", "eval_every", "checkpoint_every", "log_every",
+              "shuffle_buffer"):
+  flags.register_validator(_name, lambda value: value > 0, f"--{_name} must be positive")
+flags.register_validator("unverified_fraction", lambda v: 0.0 <= v < 1.0,
+                         "--unverified_fraction must be in [0, 1)")
+flags.register_validator("val_fraction", lambda v: 0.0 < v < 1.0,
+                         "--val_fraction must be in (0, 1)")
+flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
+
+
+def model_config(num_classes, feature_dim):
+  """Keyword arguments of ``CleanNet`` from the flags."""
+  return dict(num_classes=num_classes, num_references=FLAGS.num_references,
+              feature_dim=feature_dim, normalization=FLAGS.normalization,
+              query_hidden_dim=FLAGS.query_hidden_dim, embedding_dim=FLAGS.embedding_dim,
+              reference_hidden_dims=[int(d) for d in FLAGS.reference_hidden_dims],
+              attention_dim=FLAGS.attention_dim, dropout=FLAGS.dropout)
+
+
+def train_config():
+  """``TrainConfig`` from the flags."""
+  return training.TrainConfig(
+      steps=FLAGS.steps, global_batch_size=FLAGS.batch_size,
+      unverified_fraction=FLAGS.unverified_fraction, learning_rate=FLAGS.learning_rate,
+      momentum=FLAGS.momentum, lr_decay_steps=FLAGS.lr_decay_steps,
+      lr_decay_rate=FLAGS.lr_decay_rate, weight_decay=FLAGS.weight_decay,
+      loss=losses.LossWeights(FLAGS.margin, FLAGS.negative_weight, FLAGS.beta, FLAGS.gamma),
+      val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
+      checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
+      shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)

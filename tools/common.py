@@ -1,0 +1,24 @@
+"""What every absl tool shares: one-line errors and the TensorFlow log level."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+
+from cleannet_tf.errors import InputError  # pylint: disable=g-import-not-at-top
+
+
+def run(main):
+  """``app.run(main)``, printing an InputError as one line and exiting 2."""
+
+  def guarded(argv):
+    if len(argv) > 1:
+      sys.exit(f"error: unexpected arguments {' '.join(argv[1:])!r} (flags start with --)")
+    try:
+      return main(argv)
+    except InputError as error:
+      sys.exit(f"error: {error}")
+
+  app.run(guarded)

@@ -1,0 +1,65 @@
+"""Scores every row of a feature set with a trained CleanNet and flags label noise.
+
+  cleannet-score --model=runs/cleannet/model.keras --features=feats/all \
+      --output_dir=scores/
+
+Writes one TSV per input shard (key, class, verification, score, is_clean,
+w_soft, w_hard); a rerun skips finished shards. Where the feature set has
+verified rows, prints the detection metrics on them at the model's delta
+(optimistic if those rows were used for training).
+"""
+
+import json
+
+from absl import flags
+import keras
+import numpy as np
+
+from tools import common
+from cleannet_tf import data, detection, scoring
+from cleannet_tf import model as _  # pylint: disable=unused-import  (registers the classes)
+from cleannet_tf.errors import InputError
+
+flags.DEFINE_string("model", None, "A .keras file written by cleannet-train.")
+flags.DEFINE_string("features", None, "Feature set directory to score.")
+flags.DEFINE_string("output_dir", None, "Where the score TSVs go.")
+flags.DEFINE_float("delta", None, "Override the threshold stored in the model.")
+flags.DEFINE_integer("batch_size", 4096, "Rows per scoring batch.")
+flags.mark_flags_as_required(["model", "features", "output_dir"])
+FLAGS = flags.FLAGS
+
+
+def load_model(path):
+  try:
+    return keras.models.load_model(path)
+  except (OSError, ValueError) as error:
+    raise InputError(f"{path}: cannot load a CleanNet model ({error})") from None
+
+
+def main(_):
+  model = load_model(FLAGS.model)
+  info = data.read_info(FLAGS.features)
+  if (info.num_classes, info.dim) != (model.num_classes, model.feature_dim):
+    raise InputError(f"{FLAGS.features}: {info.num_classes} classes of {info.dim}-d features, "
+                     f"but {FLAGS.model} expects {model.num_classes} of {model.feature_dim}")
+  if FLAGS.delta is not None:
+    model.delta.assign(FLAGS.delta)
+  paths = scoring.score_feature_set(model, info, FLAGS.output_dir, FLAGS.batch_size)
+  scores = scoring.read_scores(paths)
+  report = {"rows": int(len(scores["score"])), "outputs": paths,
+            "delta": float(model.delta.numpy()),
+            "flagged_mislabeled": int((scores["is_clean"] == 0).sum())}
+  verified = scores["verification"] >= 0
+  if verified.any():
+    report["verified_rows"] = detection.detection_metrics(
+        scores["class_id"][verified], scores["verification"][verified],
+        scores["score"][verified], report["delta"])
+  print(json.dumps(report, indent=2, default=float))
+
+
+def run():
+  common.run(main)
+
+
+if __name__ == "__main__":
+  run()
