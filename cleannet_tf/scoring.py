@@ -4,6 +4,7 @@ Class embeddings are computed once for all L classes, then each batch only runs
 the query encoder: scoring costs O(N) encoder passes, not O(N K).
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -16,21 +17,29 @@ SCORE_COLUMNS = ("key", "class_id", "class_name", "verification", "score", "is_c
 
 
 class Scorer:
-  """Scores raw features against a model's precomputed class embeddings."""
+  """Scores raw features against a model's precomputed class embeddings.
+
+  One traced function serves every call; ``refresh()`` recomputes the class
+  embeddings after the model's weights change (during training).
+  """
 
   def __init__(self, model):
     self.model = model
-    self.class_embeddings, self.attention = model.class_embeddings()
     self._score = tf.function(
-        lambda features, class_id: model.score_with_class_embeddings(
-            features, class_id, self.class_embeddings),
+        model.score_with_class_embeddings,
         input_signature=[tf.TensorSpec([None, model.feature_dim], tf.float32),
-                         tf.TensorSpec([None], tf.int64)])
+                         tf.TensorSpec([None], tf.int64),
+                         tf.TensorSpec([model.num_classes, model.embedding_dim], tf.float32)])
+    self.refresh()
+
+  def refresh(self):
+    self.class_embeddings, self.attention = self.model.class_embeddings()
 
   def score(self, features, class_ids, batch_size=4096):
     """features float [N, D], class_ids int [N] -> scores float32 [N]."""
     scores = [self._score(tf.constant(features[start:start + batch_size], tf.float32),
-                          tf.constant(class_ids[start:start + batch_size], tf.int64)).numpy()
+                          tf.constant(class_ids[start:start + batch_size], tf.int64),
+                          self.class_embeddings).numpy()
               for start in range(0, len(features), batch_size)]
     return np.concatenate(scores) if scores else np.zeros([0], np.float32)
 
@@ -46,39 +55,66 @@ def _format_rows(rows, scores, delta, class_names):
   return "".join("\t".join(map(str, row)) + "\n" for row in columns)
 
 
+@dataclasses.dataclass
+class ScoreSummary:
+  """What ``score_feature_set`` wrote, and the verified rows' scores."""
+  outputs: list
+  rows: int = 0
+  flagged: int = 0
+  verified: dict = dataclasses.field(default_factory=lambda: {
+      "class_id": [], "verification": [], "score": []})
+
+  def add(self, class_id, verification, score, is_clean):
+    self.rows += len(score)
+    self.flagged += int((is_clean == 0).sum())
+    keep = verification >= 0
+    for name, values in (("class_id", class_id), ("verification", verification),
+                         ("score", score)):
+      self.verified[name].append(np.asarray(values)[keep])
+
+  def verified_arrays(self):
+    """Verified rows as numpy arrays: class_id, verification, score."""
+    return {name: np.concatenate(parts) if parts else np.zeros([0])
+            for name, parts in self.verified.items()}
+
+
+def _summarize_written(path, summary):
+  """Adds an already written score shard (a resumed run) to the summary."""
+  columns = [SCORE_COLUMNS.index(name)
+             for name in ("class_id", "verification", "score", "is_clean")]
+  table = np.loadtxt(path, delimiter="\t", skiprows=1, usecols=columns, ndmin=2,
+                     comments=None)
+  summary.add(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2],
+              table[:, 3])
+
+
 def score_feature_set(model, info, output_dir, batch_size=4096):
   """Scores every row of a feature set, one TSV per input shard.
 
   Each output shard appears atomically (written aside, then renamed), and a
-  rerun skips shards already written, so a killed job resumes. Returns the
-  list of output paths, in input-shard order.
+  rerun skips shards already written, so a killed job resumes. Memory holds
+  one batch plus the verified rows' scores. Returns a ``ScoreSummary``.
   """
   os.makedirs(output_dir, exist_ok=True)
   scorer = Scorer(model)
   delta = float(model.delta.numpy())
-  outputs = []
-  for shard_path in info.shard_paths:
+  summary = ScoreSummary(outputs=[])
+  shard_rows = info.shard_num_rows or (0,) * len(info.shard_paths)
+  for shard_path, num_rows in zip(info.shard_paths, shard_rows):
     name = os.path.basename(shard_path).rsplit(".", 1)[0]
     output_path = os.path.join(output_dir, f"scores-{name}.tsv")
-    outputs.append(output_path)
+    summary.outputs.append(output_path)
     if os.path.exists(output_path):
+      _summarize_written(output_path, summary)
       continue
+    shard = dataclasses.replace(info, shard_paths=(shard_path,), num_rows=num_rows,
+                                shard_num_rows=(num_rows,) if num_rows else ())
     temporary = output_path + ".tmp"
-    shard = data.FeatureSetInfo(
-        directory=info.directory, dim=info.dim, class_names=info.class_names,
-        num_rows=0, shard_paths=(shard_path,), class_counts=info.class_counts)
     with open(temporary, "w", encoding="utf-8") as out:
       out.write("\t".join(SCORE_COLUMNS) + "\n")
       for batch in data.feature_dataset(shard).batch(batch_size).as_numpy_iterator():
         scores = scorer.score(batch["features"], batch["class_id"], batch_size)
         out.write(_format_rows(batch, scores, delta, info.class_names))
+        summary.add(batch["class_id"], batch["verification"], scores, scores >= delta)
     os.replace(temporary, output_path)
-  return outputs
-
-
-def read_scores(paths):
-  """Reads score TSVs back: dict of numpy columns (key as str)."""
-  tables = [np.genfromtxt(path, delimiter="\t", names=True, dtype=None, encoding="utf-8",
-                          comments=None, ndmin=1) for path in paths]
-  table = np.concatenate(tables)
-  return {name: table[name] for name in table.dtype.names}
+  return summary

@@ -38,6 +38,7 @@ class TrainConfig:
   lr_decay_steps: int = 30_000
   lr_decay_rate: float = 0.1
   weight_decay: float = 1e-4
+  cross_class_negatives: float = 0.0
   loss: losses.LossWeights = losses.LossWeights()
   val_fraction: float = 0.2
   eval_every: int = 2_000
@@ -106,6 +107,32 @@ def _query_fields(rows):
           "verification": rows["verification"]}
 
 
+def _cross_class_negatives(num_classes, fraction, seed):
+  """Turns some verified-correct queries into verified negatives of other classes.
+
+  An image verified as correctly labelled c is, classes being exclusive,
+  mislabelled for any other class c'. Re-pairing a share of the l=1 queries
+  with a random other class's reference set (l=0) gives supervised negatives
+  for every class, verified or not, so the encoders cannot satisfy Eq. 6 by
+  memorising the few verified classes. Stateless in (seed, batch position).
+  """
+
+  def convert(position, batch):
+    size = tf.shape(batch["class_id"])[0]
+    seeds = tf.stack([tf.cast(seed, tf.int64), position])
+    coin = tf.random.stateless_uniform([size], seed=seeds)
+    shift = tf.random.stateless_uniform([size], seed=seeds + 1, minval=1,
+                                        maxval=num_classes, dtype=tf.int64)
+    chosen = (coin < fraction) & (batch["verification"] == losses.CORRECT)
+    return {"features": batch["features"],
+            "class_id": tf.where(chosen, (batch["class_id"] + shift) % num_classes,
+                                 batch["class_id"]),
+            "verification": tf.where(chosen, tf.cast(losses.MISLABELED, tf.int64),
+                                     batch["verification"])}
+
+  return convert
+
+
 def training_dataset(verified, unverified_info, config, num_verified, num_unverified):
   """Global batches: ({verified queries},) or ({verified}, {unverified queries}).
 
@@ -120,6 +147,9 @@ def training_dataset(verified, unverified_info, config, num_verified, num_unveri
                  .shuffle(len(verified["class_id"]), seed=config.seed)
                  .repeat()
                  .batch(num_verified, drop_remainder=True))
+  if config.cross_class_negatives:
+    verified_ds = verified_ds.enumerate().map(_cross_class_negatives(
+        unverified_info.num_classes, config.cross_class_negatives, config.seed + 3))
   if not num_unverified:
     return verified_ds.map(lambda v: (v,)).prefetch(2)
   unverified_ds = (data.feature_dataset(unverified_info, verification="unverified")
@@ -155,9 +185,10 @@ def _decayed_variables(model):
   return [v for v in model.trainable_variables if not v.path.endswith("bias")]
 
 
-def evaluate(model, val):
+def evaluate(scorer, val):
   """Scores verified validation rows; picks delta; returns a metrics dict."""
-  scores = scoring.Scorer(model).score(val["features"], val["class_id"])
+  scorer.refresh()
+  scores = scorer.score(val["features"], val["class_id"])
   truth = val["verification"]
   delta, _ = detection.select_threshold(val["class_id"], truth, scores)
   return detection.detection_metrics(val["class_id"], truth, scores, delta)
@@ -237,6 +268,7 @@ class Trainer:
             os.path.join(model_dir, "checkpoints"), self.strategy),
         max_to_keep=config.keep_checkpoints)
     self._train_step = tf.function(self._distributed_step)
+    self.scorer = scoring.Scorer(self.model)
 
   @property
   def step(self):
@@ -281,6 +313,9 @@ class Trainer:
     while self.step < config.steps:
       metrics = self._train_step(_distribute_batch(self.strategy, *next(self.iterator)))
       step = self.step
+      if not np.isfinite(metrics["loss"].numpy()):
+        raise InputError(f"training diverged at step {step}: the loss is not finite; "
+                         "lower --learning_rate or --beta, or check the features' scale")
       if step % config.log_every == 0 or step == config.steps:
         rate = (step - start_step) / max(time.time() - started, 1e-9)
         logging.info("step %d/%d loss %.4f (sup %.4f rec %.4f unsup %.4f) %.1f steps/s",
@@ -291,7 +326,7 @@ class Trainer:
             tf.summary.scalar(f"train/{name}", value)
           tf.summary.scalar("train/learning_rate", self.optimizer.learning_rate)
       if step % config.eval_every == 0 or step == config.steps:
-        result = evaluate(self.model, self.val_rows)
+        result = evaluate(self.scorer, self.val_rows)
         logging.info("step %d validation: avg class error %.4f at delta %.3f", step,
                      result["avg_class_error"], result["delta"])
         with writer.as_default(step=step):
@@ -312,7 +347,7 @@ class Trainer:
     if not chief:
       return TrainResult(self.model, int(self.best_step.numpy()), {}, "")
     best = keras.models.load_model(best_path)
-    best_metrics = evaluate(best, self.val_rows)
+    best_metrics = evaluate(scoring.Scorer(best), self.val_rows)
     model_path = os.path.join(self.model_dir, "model.keras")
     _save_keras_atomically(best, model_path)
     summary = {"best_step": int(self.best_step.numpy()), "validation": best_metrics,

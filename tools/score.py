@@ -13,7 +13,6 @@ import json
 
 from absl import flags
 import keras
-import numpy as np
 
 from tools import common
 from cleannet_tf import data, detection, scoring
@@ -44,16 +43,14 @@ def main(_):
                      f"but {FLAGS.model} expects {model.num_classes} of {model.feature_dim}")
   if FLAGS.delta is not None:
     model.delta.assign(FLAGS.delta)
-  paths = scoring.score_feature_set(model, info, FLAGS.output_dir, FLAGS.batch_size)
-  scores = scoring.read_scores(paths)
-  report = {"rows": int(len(scores["score"])), "outputs": paths,
-            "delta": float(model.delta.numpy()),
-            "flagged_mislabeled": int((scores["is_clean"] == 0).sum())}
-  verified = scores["verification"] >= 0
-  if verified.any():
+  summary = scoring.score_feature_set(model, info, FLAGS.output_dir, FLAGS.batch_size)
+  delta = float(model.delta.numpy())
+  report = {"rows": summary.rows, "outputs": summary.outputs, "delta": delta,
+            "flagged_mislabeled": summary.flagged}
+  verified = summary.verified_arrays()
+  if len(verified["score"]):
     report["verified_rows"] = detection.detection_metrics(
-        scores["class_id"][verified], scores["verification"][verified],
-        scores["score"][verified], report["delta"])
+        verified["class_id"], verified["verification"], verified["score"], delta)
   print(json.dumps(report, indent=2, default=float))
 
 
