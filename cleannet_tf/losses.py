@@ -19,6 +19,9 @@ class LossWeights:
   negative_weight: float = 5.0  # omega, Eq. 6
   beta: float = 0.1            # reconstruction weight, Eq. 9
   gamma: float = 0.1           # unsupervised weight, Eq. 9
+  # Threshold of the pseudo-verification label (Eq. 8); None uses rho, as the
+  # paper. A value of -1 treats every unverified query as relevant to its class.
+  pseudo_label_margin: float | None = None
 
 
 def supervised_cosine_loss(score, verification, margin=0.1, negative_weight=5.0):
@@ -66,7 +69,9 @@ def total_loss(outputs, verification, weights=LossWeights()):
   reconstruction = reconstruction_loss(
       outputs["normalized_features"], outputs["reconstruction"])
   unverified = ops.cast(ops.cast(verification, "int32") == UNVERIFIED, score.dtype)
-  unsupervised = unverified * unsupervised_cosine_loss(score, weights.margin)
+  pseudo_label_margin = (weights.margin if weights.pseudo_label_margin is None
+                         else weights.pseudo_label_margin)
+  unsupervised = unverified * unsupervised_cosine_loss(score, pseudo_label_margin)
   return {
       "total": supervised + weights.beta * reconstruction + weights.gamma * unsupervised,
       "supervised": supervised,

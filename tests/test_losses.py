@@ -51,3 +51,17 @@ def test_gradient_of_unsupervised_loss_does_not_flow_through_pseudo_label():
   with tf.GradientTape() as tape:
     loss = tf.reduce_sum(losses.unsupervised_cosine_loss(score, margin=0.1))
   np.testing.assert_allclose(tape.gradient(loss, score), [-1.0, 0.0])
+
+
+def test_pseudo_label_margin_overrides_rho_in_eq_8_only():
+  outputs = {"score": np.array([0.05, 0.05], np.float32),
+             "normalized_features": np.zeros([2, 1], np.float32),
+             "reconstruction": np.zeros([2, 1], np.float32)}
+  verification = np.array([0, -1])
+  paper = losses.total_loss(outputs, verification, losses.LossWeights(gamma=1.0))
+  # cos 0.05 < rho: the unverified query is ignored (Eq. 8) ...
+  np.testing.assert_allclose(paper["total"], [0.0, 0.0], atol=1e-7)
+  every = losses.total_loss(outputs, verification,
+                            losses.LossWeights(gamma=1.0, pseudo_label_margin=-1.0))
+  # ... unless the pseudo-label threshold is lowered; Eq. 6 keeps rho.
+  np.testing.assert_allclose(every["total"], [0.0, 0.95], atol=1e-6)

@@ -152,3 +152,18 @@ def test_unverified_queries_are_drawn_class_uniformly(tmp_path):
   # Every class drawn roughly equally often, although one class dominates the
   # rows (the rarest class, below the 10th-percentile floor, is kept whole).
   assert share.max() < 0.3, share
+
+
+def test_cross_class_negatives_repair_only_verified_correct_queries():
+  batch = {"features": tf.zeros([6, 2]), "class_id": tf.constant([0, 1, 2, 3, 0, 1], tf.int64),
+           "verification": tf.constant([1, 1, 1, 0, 0, 1], tf.int64)}
+  convert = training._cross_class_negatives(NUM_CLASSES, 1.0, seed=0)
+  out = convert(tf.constant(0, tf.int64), batch)
+  was_correct = batch["verification"].numpy() == 1
+  assert (out["verification"].numpy() == 0).all()
+  moved = out["class_id"].numpy() != batch["class_id"].numpy()
+  assert moved[was_correct].all() and not moved[~was_correct].any()
+  assert ((out["class_id"].numpy() >= 0) & (out["class_id"].numpy() < NUM_CLASSES)).all()
+  none = training._cross_class_negatives(NUM_CLASSES, 0.0, seed=0)(tf.constant(0, tf.int64),
+                                                                    batch)
+  np.testing.assert_array_equal(none["class_id"], batch["class_id"])

@@ -38,6 +38,11 @@ flags.DEFINE_float("margin", _LOSS.margin, "rho: cosine margin (Eq. 6, 8).")
 flags.DEFINE_float("negative_weight", _LOSS.negative_weight, "omega: weight of l=0 queries.")
 flags.DEFINE_float("beta", _LOSS.beta, "Weight of the reconstruction loss (Eq. 9).")
 flags.DEFINE_float("gamma", _LOSS.gamma, "Weight of the unsupervised loss (Eq. 9).")
+flags.DEFINE_float("pseudo_label_margin", _LOSS.pseudo_label_margin,
+                   "Pseudo-verification threshold of Eq. 8; unset: --margin, as the paper.")
+flags.DEFINE_float("cross_class_negatives", _TRAIN.cross_class_negatives,
+                   "Share of verified-correct queries re-paired with another class's "
+                   "reference set as verified negatives.")
 flags.DEFINE_float("val_fraction", _TRAIN.val_fraction,
                    "Share of verified rows held out for validation (without --val_features).")
 flags.DEFINE_integer("eval_every", _TRAIN.eval_every, "Validate every this many steps.")
@@ -57,6 +62,8 @@ flags.register_validator("unverified_fraction", lambda v: 0.0 <= v < 1.0,
                          "--unverified_fraction must be in [0, 1)")
 flags.register_validator("val_fraction", lambda v: 0.0 < v < 1.0,
                          "--val_fraction must be in (0, 1)")
+flags.register_validator("cross_class_negatives", lambda v: 0.0 <= v <= 1.0,
+                         "--cross_class_negatives must be in [0, 1]")
 flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
 
 
@@ -76,7 +83,9 @@ def train_config():
       unverified_fraction=FLAGS.unverified_fraction, learning_rate=FLAGS.learning_rate,
       momentum=FLAGS.momentum, lr_decay_steps=FLAGS.lr_decay_steps,
       lr_decay_rate=FLAGS.lr_decay_rate, weight_decay=FLAGS.weight_decay,
-      loss=losses.LossWeights(FLAGS.margin, FLAGS.negative_weight, FLAGS.beta, FLAGS.gamma),
+      loss=losses.LossWeights(FLAGS.margin, FLAGS.negative_weight, FLAGS.beta, FLAGS.gamma,
+                              FLAGS.pseudo_label_margin),
+      cross_class_negatives=FLAGS.cross_class_negatives,
       val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
