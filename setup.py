@@ -34,6 +34,8 @@ setup(
             "cleannet-convert=tools.convert_features:run",
             "cleannet-train=tools.train_cleannet:run",
             "cleannet-score=tools.score:run",
+            "cleannet-export=tools.export_savedmodel:run",
+            "cleannet-serving-client=tools.serving_client:run",
         ],
     },
 )
