@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 from sklearn.cluster import KMeans
 
+from cleannet_tf import data
 from cleannet_tf.errors import InputError
 
 
@@ -275,4 +276,87 @@ def build_random_references(features, class_ids, num_classes, k=50,
       idx = rng.choice(idx, size=k, replace=False)
     out[c, :len(idx)] = features[idx]
     counts[c] = len(idx)
+  return ReferenceSets(features=out, counts=counts)
+
+
+def _class_references(rows, k, method, seed, rng, max_iter, n_init):
+  """One class's references and count, as the in-memory builders pick them.
+
+  Args:
+    rows: float32 [n, D], the class's rows in input order.
+    seed: this class's K-means seed (``_class_seeds``).
+    rng: the random builder's generator, shared across classes in class order.
+
+  Returns:
+    (float32 [min(n, k), D], min(n, k)).
+  """
+  if len(rows) > k and method == "kmeans":
+    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init,
+                max_iter=max_iter, algorithm="lloyd",
+                random_state=int(seed)).fit(rows)
+    return km.cluster_centers_, k
+  if len(rows) > k:
+    # The same draw as build_random_references (choice over the class's rows).
+    return rows[rng.choice(len(rows), size=k, replace=False)], k
+  return rows, len(rows)
+
+
+def build_references_streamed(info, k=50, method="kmeans", seed=0, max_iter=50,
+                              n_init=3, work_dir=None,
+                              batch_size=8192) -> ReferenceSets:
+  """Reference sets of a feature set too large for memory, one class at a time.
+
+  One streaming pass spills each class's rows, in row order, into its own
+  raw float32 file in a temporary folder; then each class's file is loaded
+  alone and reduced to K references. Memory holds one batch, then one class's
+  rows (plus the [L, K, D] result); the spill needs N * D * 4 bytes of disk.
+  The result equals ``build_kmeans_references`` / ``build_random_references``
+  on the same rows with the same seed.
+
+  Args:
+    info: a ``data.FeatureSetInfo``.
+    k: K, references per class (paper: 50).
+    method: "kmeans" (the paper's) or "random".
+    seed: makes the result deterministic.
+    max_iter, n_init: K-means settings, as in ``build_kmeans_references``.
+    work_dir: where the temporary spill folder goes (default: system temp).
+    batch_size: rows per streamed batch.
+
+  Returns:
+    ReferenceSets with features float32 [L, k, D] and counts int32 [L].
+  """
+  if method not in ("kmeans", "random"):
+    raise InputError(f"--method: {method!r} is not 'kmeans' or 'random'")
+  if k < 1:
+    raise InputError(f"build_references_streamed: k must be >= 1, got {k}")
+  num_classes, dim = info.num_classes, info.dim
+  class_rows = info.class_counts.sum(axis=1)
+  out = np.zeros((num_classes, k, dim), np.float32)
+  counts = np.zeros(num_classes, np.int32)
+  seeds = _class_seeds(seed, num_classes)
+  rng = np.random.default_rng(seed)
+  with tempfile.TemporaryDirectory(prefix="references-", dir=work_dir) as spill:
+    paths = [os.path.join(spill, f"class-{c:06d}.f32") for c in range(num_classes)]
+    for batch in data.feature_dataset(info).batch(batch_size).as_numpy_iterator():
+      ids = batch["class_id"]
+      # Stable: each class's rows keep their input order within the batch.
+      order = np.argsort(ids, kind="stable")
+      present, starts = np.unique(ids[order], return_index=True)
+      for c, rows in zip(present, np.split(batch["features"][order], starts[1:])):
+        with open(paths[c], "ab") as f:
+          rows.astype(np.float32, copy=False).tofile(f)
+    for c in range(num_classes):
+      if not class_rows[c]:
+        continue
+      rows = np.fromfile(paths[c], dtype=np.float32).reshape(-1, dim)
+      os.remove(paths[c])  # keep the spill shrinking as classes are done
+      if len(rows) != class_rows[c]:
+        raise InputError(f"{info.directory}: class {c} has {len(rows)} rows, "
+                         f"metadata says {class_rows[c]}")
+      if not np.all(np.isfinite(rows)):
+        raise InputError(f"{info.directory}: class {c}'s features contain NaN "
+                         "or Inf")
+      references, counts[c] = _class_references(rows, k, method, seeds[c], rng,
+                                                 max_iter, n_init)
+      out[c, :counts[c]] = references
   return ReferenceSets(features=out, counts=counts)
