@@ -51,7 +51,7 @@ _STR = np.dtypes.StringDType()
 RejectsCallback = Callable[[str, int, str, str], None]
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to `path` so that readers see the old file or the new one."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(
@@ -75,7 +75,7 @@ def _remove_quietly(path: str) -> None:
     pass
 
 
-def _check_class_names(names: Sequence[str], source: str) -> tuple[str, ...]:
+def check_class_names(names: Sequence[str], source: str) -> tuple[str, ...]:
   """Returns `names` as a tuple; InputError names the 1-based line at fault."""
   names = tuple(names)
   if not names:
@@ -121,14 +121,14 @@ def read_class_names(path) -> list[str]:
   if lines[-1] == "":
     # The newline after the last name is a terminator, not a blank line.
     lines.pop()
-  return list(_check_class_names([l.rstrip("\r") for l in lines], path))
+  return list(check_class_names([l.rstrip("\r") for l in lines], path))
 
 
 def write_class_names(path, names: Sequence[str]) -> None:
   """Writes ``classes.txt`` atomically; InputError if `names` is unusable."""
   path = os.fspath(path)
-  names = _check_class_names(names, path)
-  _atomic_write_text(path, "".join(name + "\n" for name in names))
+  names = check_class_names(names, path)
+  atomic_write_text(path, "".join(name + "\n" for name in names))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -277,7 +277,7 @@ class FeatureWriter:
       raise InputError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     self.directory = os.fspath(directory)
     self.dim = int(dim)
-    self.class_names = _check_class_names(class_names, "<class_names>")
+    self.class_names = check_class_names(class_names, "<class_names>")
     self.rows_per_shard = int(rows_per_shard)
     os.makedirs(self.directory, exist_ok=True)
     _remove_quietly(os.path.join(self.directory, METADATA_FILE))
@@ -419,7 +419,7 @@ class FeatureWriter:
                    for name, rows in self._shards],
         "class_counts": self._class_counts.tolist(),
     }
-    _atomic_write_text(os.path.join(self.directory, METADATA_FILE),
+    atomic_write_text(os.path.join(self.directory, METADATA_FILE),
                        json.dumps(metadata, indent=1) + "\n")
     return read_info(self.directory)
 
@@ -754,7 +754,7 @@ def convert_tsv(tsv_paths, class_names: Sequence[str], out_dir,
   """
   if isinstance(tsv_paths, (str, os.PathLike)):
     tsv_paths = [tsv_paths]
-  class_names = _check_class_names(class_names, "<class_names>")
+  class_names = check_class_names(class_names, "<class_names>")
   rejects_file = rejects_tmp = None
   rejects = None
   if rejects_path is not None:

@@ -39,9 +39,9 @@ def load_or_build_references(info, path, model_dir, k, seed):
       reference_sets = references_lib.ReferenceSets.load(kept)
     else:
       logging.info("Building K-means reference sets (K=%d) from %s", k, info.directory)
-      rows = data.load_arrays(info, verification="all")
-      reference_sets = references_lib.build_kmeans_references(
-          rows["features"], rows["class_id"], info.num_classes, k=k, seed=seed)
+      # Streamed: memory holds one class's rows at a time.
+      reference_sets = references_lib.build_references_streamed(
+          info, k=k, seed=seed, work_dir=model_dir)
       reference_sets.save(kept)
     path = kept
   if (reference_sets.num_classes, reference_sets.dim) != (info.num_classes, info.dim):

@@ -1,0 +1,245 @@
+"""Step 1 (Fig. 4): training the image classifier on the noisy labels.
+
+The paper fine-tunes its CNN on the noisy training set before extracting
+features (Sec. 4.2). This is a plain supervised loop with standard
+augmentation (zero-pad and random crop, random horizontal flip), SGD with
+momentum and a cosine learning-rate decay, under a ``tf.distribute`` strategy.
+
+Resume is exact without checkpointing a tf.data iterator (whose shuffle
+buffer of a million file names would be saved with every checkpoint): the
+stream of rows is a seeded shuffle repeated over epochs, the same in every
+run, and element p's augmentation is drawn from a stateless RNG seeded by p.
+The stream is therefore a pure function of the position, and a resumed run
+starts it at ``step * global_batch_size``. (Rows whose image
+cannot be decoded are dropped, which shifts later batches by the number
+dropped; with such rows a resumed run sees slightly different batches.)
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cleannet_tf import backbones, distribute, images
+from cleannet_tf.errors import InputError
+
+CLASSIFIER_FILE = "classifier.keras"
+FEATURE_EXTRACTOR_FILE = "feature_extractor.keras"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+  """Step-1 hyperparameters (the paper gives none; CIFAR-style defaults)."""
+  backbone: str = "small_resnet"
+  backbone_weights: Optional[str] = None
+  image_size: tuple[int, int] = (32, 32)
+  steps: int = 5_000
+  global_batch_size: int = 128
+  learning_rate: float = 0.1
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  pad_fraction: float = 0.125
+  shuffle_buffer: int = 100_000
+  checkpoint_every: int = 500
+  log_every: int = 100
+  keep_checkpoints: int = 3
+  seed: int = 0
+
+
+def use_mixed_precision_on_gpus() -> bool:
+  """Sets the global Keras policy to mixed_float16 when GPUs are visible.
+
+  Must run before models are built; it changes the policy for the process.
+  """
+  if not tf.config.list_physical_devices("GPU"):
+    return False
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  return True
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor, pad: int) -> tf.Tensor:
+  """Zero-pad by `pad`, random crop back, random flip; image float [H, W, 3].
+
+  Args:
+    seed: int64 [2], the stateless RNG seed of this element.
+  """
+  height, width = image.shape[0], image.shape[1]
+  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+  image = tf.image.stateless_random_crop(padded, [height, width, 3], seed=seed)
+  # A different seed: the flip must not be correlated with the crop offset.
+  return tf.image.stateless_random_flip_left_right(image, seed=seed + [0, 1])
+
+
+def training_dataset(source: images.ImageSource, config: ClassifierConfig,
+                     start: int, input_context=None) -> tf.data.Dataset:
+  """Augmented training batches from stream position `start` on.
+
+  Args:
+    start: position of the first element (global over all input pipelines).
+    input_context: from ``distribute_datasets_from_function``; this pipeline
+      decodes only its share of the elements.
+
+  Returns:
+    Dataset of (images float [b, H, W, 3], class ids int64 [b]) with b the
+    per-replica batch size, repeating forever.
+  """
+  buffer = max(1, min(source.num_rows, config.shuffle_buffer))
+  # A seeded shuffle draws a new order each epoch, the same orders every run.
+  # skip() replays the stream up to `start` on undecoded records only.
+  stream = (source.records()
+            .shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
+            .repeat().enumerate().skip(start))
+  batch = config.global_batch_size
+  if input_context is not None:
+    stream = stream.shard(input_context.num_input_pipelines,
+                          input_context.input_pipeline_id)
+    batch = input_context.get_per_replica_batch_size(batch)
+  pad = int(round(config.pad_fraction * min(config.image_size)))
+
+  def load(position, record):
+    image = images.decode(source.encoded_bytes(record), config.image_size)
+    seed = tf.stack([tf.constant(config.seed, tf.int64), position])
+    return augment(image, seed, pad), record["class_id"]
+
+  return (stream.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+          .ignore_errors()  # extraction lists the unreadable rows
+          .batch(batch, drop_remainder=True)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def evaluate_top1(model: keras.Model, source: images.ImageSource,
+                  image_size, batch_size: int = 256) -> tuple[float, int]:
+  """(top-1 accuracy, images scored) of a classifier on a labelled source."""
+  predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1),
+                        reduce_retracing=True)
+  correct = total = 0
+  for batch in images.image_dataset(source, image_size, batch_size):
+    predicted = predict(batch["image"])
+    correct += int(tf.reduce_sum(tf.cast(predicted == batch["class_id"], tf.int64)))
+    total += int(tf.shape(predicted)[0])
+  return correct / max(total, 1), total
+
+
+def _save_atomically(model: keras.Model, path: str) -> None:
+  temporary = path[:-len(".keras")] + ".tmp.keras"
+  model.save(temporary)
+  os.replace(temporary, path)
+
+
+class ClassifierTrainer:
+  """Trains the step-1 classifier into ``model_dir``; a rerun resumes.
+
+  ``model_dir`` receives ``checkpoints/`` (model and optimizer), and at the
+  end ``classifier.keras``, ``feature_extractor.keras`` (the backbone, f_v)
+  and ``summary.json``.
+  """
+
+  def __init__(self, source: images.ImageSource, model_dir: str,
+               config: ClassifierConfig = ClassifierConfig(), strategy=None):
+    self.source = source
+    self.model_dir = model_dir
+    self.config = config
+    self.strategy = strategy or tf.distribute.get_strategy()
+    if config.global_batch_size % self.strategy.num_replicas_in_sync:
+      raise InputError(f"--batch_size={config.global_batch_size} is not divisible "
+                       f"by the {self.strategy.num_replicas_in_sync} replicas")
+    self.mixed_precision = use_mixed_precision_on_gpus()
+    keras.utils.set_random_seed(config.seed)
+    with self.strategy.scope():
+      backbone = backbones.build_backbone(
+          config.backbone, (*config.image_size, 3), config.backbone_weights)
+      self.model = backbones.build_classifier(backbone, len(source.class_names))
+      schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
+                                                        config.steps)
+      sgd = keras.optimizers.SGD(schedule, momentum=config.momentum,
+                                 weight_decay=config.weight_decay)
+      # Decay convolution and dense kernels only, not biases or BN scales.
+      sgd.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+      self.optimizer = (keras.optimizers.LossScaleOptimizer(sgd)
+                        if self.mixed_precision else sgd)
+      # Built in the scope: building lazily inside the first distributed
+      # step fails in replica context.
+      self.optimizer.build(self.model.trainable_variables)
+    self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, distribute.worker_directory(
+            os.path.join(model_dir, "checkpoints"), self.strategy),
+        max_to_keep=config.keep_checkpoints)
+    self._train_step = tf.function(self._distributed_step)
+
+  @property
+  def step(self) -> int:
+    return int(self.optimizer.iterations.numpy())
+
+  def _replica_step(self, pixels, labels):
+    with tf.GradientTape() as tape:
+      logits = self.model(pixels, training=True)
+      per_image = keras.losses.sparse_categorical_crossentropy(
+          labels, logits, from_logits=True)
+      loss = tf.nn.compute_average_loss(
+          per_image, global_batch_size=self.config.global_batch_size)
+      # Identity for plain SGD; multiplied by the loss scale under mixed precision.
+      scaled = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled, self.model.trainable_variables)
+    self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+    correct = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == labels, tf.float32))
+    return {"loss": loss,
+            "accuracy": correct / self.config.global_batch_size}
+
+  def _distributed_step(self, pixels, labels):
+    per_replica = self.strategy.run(self._replica_step, args=(pixels, labels))
+    return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+  def train(self, test_source: Optional[images.ImageSource] = None) -> dict:
+    """Trains to ``config.steps``, resuming; saves the models; returns a summary.
+
+    Args:
+      test_source: labelled images for the final top-1 accuracy.
+    """
+    config = self.config
+    restored = self.manager.restore_or_initialize()
+    if restored:
+      logging.info("Resumed from %s at step %d", restored, self.step)
+    start = self.step * config.global_batch_size
+    batches = iter(self.strategy.distribute_datasets_from_function(
+        lambda context: training_dataset(self.source, config, start, context)))
+    started, start_step = time.time(), self.step
+    while self.step < config.steps:
+      metrics = self._train_step(*next(batches))
+      step = self.step
+      if not np.isfinite(metrics["loss"].numpy()):
+        raise InputError(f"step-1 training diverged at step {step}: the loss is "
+                         "not finite; lower --learning_rate")
+      if step % config.log_every == 0 or step == config.steps:
+        rate = ((step - start_step) * config.global_batch_size
+                / max(time.time() - started, 1e-9))
+        logging.info("step %d/%d loss %.4f batch accuracy %.3f %.1f images/s",
+                     step, config.steps, metrics["loss"], metrics["accuracy"], rate)
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        self.manager.save(checkpoint_number=step)
+    summary = {"steps": self.step, "num_classes": len(self.source.class_names),
+               "train_rows": self.source.num_rows,
+               "config": dataclasses.asdict(config)}
+    if test_source is not None:
+      if tuple(test_source.class_names) != tuple(self.source.class_names):
+        raise InputError(f"{test_source.description}: class names differ from "
+                         f"{self.source.description}'s")
+      accuracy, count = evaluate_top1(self.model, test_source, config.image_size)
+      logging.info("test top-1 %.4f on %d images of %s", accuracy, count,
+                   test_source.description)
+      summary.update(test_top1=accuracy, test_images=count)
+    if distribute.is_chief(self.strategy):
+      _save_atomically(self.model, os.path.join(self.model_dir, CLASSIFIER_FILE))
+      _save_atomically(backbones.feature_extractor(self.model),
+                       os.path.join(self.model_dir, FEATURE_EXTRACTOR_FILE))
+      temporary = os.path.join(self.model_dir, "summary.json.tmp")
+      with open(temporary, "w", encoding="utf-8") as out:
+        json.dump(summary, out, indent=2)
+      os.replace(temporary, os.path.join(self.model_dir, "summary.json"))
+    return summary
