@@ -8,6 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # pylint: disable=g-import-not-at-top
 
 from cleannet_tf.errors import InputError  # pylint: disable=g-import-not-at-top
+from cleannet_tf import model as _  # pylint: disable=g-import-not-at-top,unused-import (registers CleanNet with Keras)
 
 
 def run(main):
@@ -22,3 +23,12 @@ def run(main):
       sys.exit(f"error: {error}")
 
   app.run(guarded)
+
+
+def load_keras(path, what="a CleanNet model"):
+  """``keras.models.load_model`` with a one-line InputError naming the file."""
+  import keras  # pylint: disable=g-import-not-at-top
+  try:
+    return keras.models.load_model(path)
+  except (OSError, ValueError) as error:
+    raise InputError(f"{path}: cannot load {what} ({error})") from None

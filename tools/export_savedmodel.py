@@ -13,12 +13,10 @@ export/README.md for serving it and cleannet_tf/export.py for the signatures.
 import json
 
 from absl import flags
-import keras
 import numpy as np
 
 from tools import common
 from cleannet_tf import data, export
-from cleannet_tf import model as _  # pylint: disable=unused-import  (registers the classes)
 from cleannet_tf.errors import InputError
 
 flags.DEFINE_string("model", None, "A .keras file written by cleannet-train.")
@@ -40,13 +38,6 @@ flags.mark_flags_as_required(["model"])
 FLAGS = flags.FLAGS
 
 
-def load_keras(path, what):
-  try:
-    return keras.models.load_model(path)
-  except (OSError, ValueError) as error:
-    raise InputError(f"{path}: cannot load {what} ({error})") from None
-
-
 def warmup_rows(info, count):
   """The first `count` rows of a feature set, as export_savedmodel's `warmup`."""
   rows = next(data.feature_dataset(info).take(count).batch(count).as_numpy_iterator())
@@ -54,10 +45,10 @@ def warmup_rows(info, count):
 
 
 def main(_):
-  model = load_keras(FLAGS.model, "a CleanNet model")
+  model = common.load_keras(FLAGS.model, "a CleanNet model")
   if FLAGS.image_size and not FLAGS.backbone:
     raise InputError("--image_size needs --backbone")
-  backbone = load_keras(FLAGS.backbone, "a backbone") if FLAGS.backbone else None
+  backbone = common.load_keras(FLAGS.backbone, "a backbone") if FLAGS.backbone else None
   warmup = None
   if FLAGS.warmup_features:
     info = data.read_info(FLAGS.warmup_features)

@@ -12,11 +12,9 @@ verified rows, prints the detection metrics on them at the model's delta
 import json
 
 from absl import flags
-import keras
 
 from tools import common
 from cleannet_tf import data, detection, scoring
-from cleannet_tf import model as _  # pylint: disable=unused-import  (registers the classes)
 from cleannet_tf.errors import InputError
 
 flags.DEFINE_string("model", None, "A .keras file written by cleannet-train.")
@@ -28,15 +26,8 @@ flags.mark_flags_as_required(["model", "features", "output_dir"])
 FLAGS = flags.FLAGS
 
 
-def load_model(path):
-  try:
-    return keras.models.load_model(path)
-  except (OSError, ValueError) as error:
-    raise InputError(f"{path}: cannot load a CleanNet model ({error})") from None
-
-
 def main(_):
-  model = load_model(FLAGS.model)
+  model = common.load_keras(FLAGS.model)
   info = data.read_info(FLAGS.features)
   if (info.num_classes, info.dim) != (model.num_classes, model.feature_dim):
     raise InputError(f"{FLAGS.features}: {info.num_classes} classes of {info.dim}-d features, "
