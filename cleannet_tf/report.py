@@ -60,6 +60,15 @@ _CHUNK_ROWS = 65536
 # Bounds the [B, K, D] gather of reference centroids in the nearest-member pass.
 _GATHER_FLOATS = 1 << 24
 _STR = np.dtypes.StringDType()
+
+
+def _searchable(strings):
+  """Strings as an object array for sorting and searchsorted.
+
+  NumPy's StringDType gives wrong np.searchsorted positions (seen with
+  numpy 2.4), so every sorted look-up goes through Python str objects.
+  """
+  return np.asarray(strings).astype(object)
 # np.strings ufuncs on StringDType arrays need StringDType separators too.
 _TAB, _NEWLINE = np.array("\t", _STR), np.array("\r\n", _STR)
 # Score columns read back, in file order: key, class_id, class_name,
@@ -230,10 +239,10 @@ def _csv_chunks(path, required, optional=()):
 
 def _class_ids(labels, class_names, path, first_line):
   """Class names or ids (strings) -> int64 class ids; '' -> -1 (unknown)."""
-  names = np.array(class_names, _STR)
+  names = _searchable(np.array(class_names, _STR))
   order = np.argsort(names)
-  position = np.minimum(np.searchsorted(names[order], labels), len(names) - 1)
-  is_name = names[order][position] == labels
+  position = np.minimum(np.searchsorted(names[order], _searchable(labels)), len(names) - 1)
+  is_name = names[order][position] == _searchable(labels)
   ids = np.where(is_name, order[position], -1)
   numeric = ~is_name & np.strings.isdecimal(labels)
   ids[numeric] = labels[numeric].astype(np.int64)
@@ -249,6 +258,7 @@ class _Truth:
   """Clean labels by key, sorted for vectorised look-ups."""
 
   def __init__(self, keys, class_ids):
+    keys = _searchable(keys)
     order = np.argsort(keys)
     self.keys, self.class_ids = keys[order], class_ids[order]
 
@@ -264,6 +274,7 @@ class _Truth:
     """Clean class id of each key, -1 where unknown."""
     if not len(self.keys):
       return np.full(len(keys), -1)
+    keys = _searchable(keys)
     position = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
     return np.where(self.keys[position] == keys, self.class_ids[position], -1)
 
@@ -359,12 +370,12 @@ def _read_paths(manifest, wanted):
     {key: absolute image path}; relative paths are resolved against the
     manifest's folder. Without a ``key`` column the path is the key.
   """
-  wanted = np.unique(np.array(sorted(wanted), _STR))
+  wanted = np.unique(_searchable(sorted(wanted)))
   folder = os.path.dirname(os.path.abspath(manifest))
   paths = {}
   for columns, _ in _csv_chunks(manifest, ("path",), ("key",)):
     keys = columns.get("key", columns["path"])
-    hit = np.isin(keys, wanted)
+    hit = np.isin(_searchable(keys), wanted)
     paths.update(zip(keys[hit].tolist(),
                      (os.path.join(folder, path) for path in columns["path"][hit].tolist())))
   return paths

@@ -255,3 +255,15 @@ def test_tool_writes_the_report_and_fails_in_one_line(scored, tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "no scores-*.tsv" in last
   assert "Traceback" not in result.stderr
+
+
+def test_truth_lookup_finds_every_key_of_a_large_unsorted_file(tmp_path):
+  # NumPy's StringDType searchsorted misplaces keys in arrays like this one
+  # (paths of two classes, interleaved): every key must still be found.
+  keys = [f"/data/{name}/{i:04d}.jpg" for i in range(60) for name in ("frog", "airplane")]
+  labels = ["frog" if "frog" in key else "ship" for key in keys]
+  (tmp_path / "truth.csv").write_text(
+      "key,clean_label\n" + "".join(f"{k},{l}\n" for k, l in zip(keys, labels)))
+  truth = report._Truth.read(str(tmp_path / "truth.csv"), ["frog", "ship"], "clean_label")
+  found = truth.lookup(np.array(keys[::-1], dtype=report._STR))
+  np.testing.assert_array_equal(found, [0 if l == "frog" else 1 for l in labels[::-1]])
