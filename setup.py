@@ -38,6 +38,7 @@ setup(
             "cleannet-extract=tools.extract_features:run",
             "cleannet-build-references=tools.build_references:run",
             "cleannet-cifar10n-features=tools.cifar10n_features:run",
+            "cleannet-train-alternating=tools.train_alternating:run",
             "cleannet-review=tools.review_report:run",
             "cleannet-export=tools.export_savedmodel:run",
             "cleannet-serving-client=tools.serving_client:run",

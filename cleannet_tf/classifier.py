@@ -1,9 +1,15 @@
-"""Step 1 (Fig. 4): training the image classifier on the noisy labels.
+"""Steps 1 and 3 (Fig. 4): training the image classifier.
 
 The paper fine-tunes its CNN on the noisy training set before extracting
 features (Sec. 4.2). This is a plain supervised loop with standard
 augmentation (zero-pad and random crop, random horizontal flip), SGD with
 momentum and a cosine learning-rate decay, under a ``tf.distribute`` strategy.
+
+Step 3 of the alternating scheme (Sec. 3.3) is the same loop with per-image
+sample weights w (Eq. 14: w * cross-entropy), started from a trained
+classifier (``init_classifier``) and, in later rounds, with the backbone
+frozen (``train_backbone=False``). Weights are given per source row and ride
+through the input pipeline next to the labels.
 
 Resume is exact without checkpointing a tf.data iterator (whose shuffle
 buffer of a million file names would be saved with every checkpoint): the
@@ -50,6 +56,11 @@ class ClassifierConfig:
   log_every: int = 100
   keep_checkpoints: int = 3
   seed: int = 0
+  # Fine-tuning: a ``classifier.keras`` to start from (a checkpoint in the
+  # model directory, i.e. a resumed run, takes precedence), and whether the
+  # backbone f_cl is trained or frozen (only the dense head learns).
+  init_classifier: Optional[str] = None
+  train_backbone: bool = True
 
 
 def use_mixed_precision_on_gpus() -> bool:
@@ -77,17 +88,21 @@ def augment(image: tf.Tensor, seed: tf.Tensor, pad: int) -> tf.Tensor:
 
 
 def training_dataset(source: images.ImageSource, config: ClassifierConfig,
-                     start: int, input_context=None) -> tf.data.Dataset:
+                     start: int, input_context=None,
+                     sample_weights: Optional[np.ndarray] = None
+                     ) -> tf.data.Dataset:
   """Augmented training batches from stream position `start` on.
 
   Args:
     start: position of the first element (global over all input pipelines).
     input_context: from ``distribute_datasets_from_function``; this pipeline
       decodes only its share of the elements.
+    sample_weights: float32 [N], the loss weight of each source row; None
+      for all 1.
 
   Returns:
-    Dataset of (images float [b, H, W, 3], class ids int64 [b]) with b the
-    per-replica batch size, repeating forever.
+    Dataset of (images float [b, H, W, 3], class ids int64 [b], weights
+    float32 [b]) with b the per-replica batch size, repeating forever.
   """
   buffer = max(1, min(source.num_rows, config.shuffle_buffer))
   # A seeded shuffle draws a new order each epoch, the same orders every run.
@@ -101,11 +116,16 @@ def training_dataset(source: images.ImageSource, config: ClassifierConfig,
                           input_context.input_pipeline_id)
     batch = input_context.get_per_replica_batch_size(batch)
   pad = int(round(config.pad_fraction * min(config.image_size)))
+  # Looked up by row index, so the weights follow the rows through shuffling.
+  weights = (None if sample_weights is None
+             else tf.constant(sample_weights, tf.float32))
 
   def load(position, record):
     image = images.decode(source.encoded_bytes(record), config.image_size)
     seed = tf.stack([tf.constant(config.seed, tf.int64), position])
-    return augment(image, seed, pad), record["class_id"]
+    weight = (tf.constant(1.0) if weights is None
+              else tf.gather(weights, record["index"]))
+    return augment(image, seed, pad), record["class_id"], weight
 
   return (stream.map(load, num_parallel_calls=tf.data.AUTOTUNE)
           .ignore_errors()  # extraction lists the unreadable rows
@@ -132,16 +152,46 @@ def _save_atomically(model: keras.Model, path: str) -> None:
   os.replace(temporary, path)
 
 
+def _check_sample_weights(weights, num_rows: int) -> np.ndarray:
+  """float32 [num_rows] finite, >= 0; raises InputError otherwise."""
+  weights = np.asarray(weights, np.float32)
+  if weights.shape != (num_rows,):
+    raise InputError(f"sample weights: shape {weights.shape}, expected "
+                     f"({num_rows},), one per training row")
+  if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+    raise InputError("sample weights: must be finite and >= 0")
+  return weights
+
+
+def _load_initial_weights(model: keras.Model, path: str) -> None:
+  """Copies a saved classifier's weights (same backbone and classes) into `model`."""
+  if not os.path.isfile(path):
+    raise InputError(f"--init_classifier: {path}: no such file")
+  try:
+    model.set_weights(keras.models.load_model(path, compile=False).get_weights())
+  except ValueError as e:
+    raise InputError(f"--init_classifier: {path}: not a classifier of this "
+                     f"backbone and number of classes ({str(e).splitlines()[0]})"
+                     ) from e
+
+
 class ClassifierTrainer:
-  """Trains the step-1 classifier into ``model_dir``; a rerun resumes.
+  """Trains a classifier into ``model_dir``; a rerun resumes.
 
   ``model_dir`` receives ``checkpoints/`` (model and optimizer), and at the
   end ``classifier.keras``, ``feature_extractor.keras`` (the backbone, f_v)
-  and ``summary.json``.
+  and, last, ``summary.json``.
   """
 
   def __init__(self, source: images.ImageSource, model_dir: str,
-               config: ClassifierConfig = ClassifierConfig(), strategy=None):
+               config: ClassifierConfig = ClassifierConfig(), strategy=None,
+               sample_weights: Optional[np.ndarray] = None):
+    """Builds the model and optimizer (in the strategy's scope).
+
+    Args:
+      sample_weights: float32 [N], Eq. 14's weight of each row of `source`
+        (w_soft or w_hard); None trains with all weights 1 (step 1).
+    """
     self.source = source
     self.model_dir = model_dir
     self.config = config
@@ -149,12 +199,19 @@ class ClassifierTrainer:
     if config.global_batch_size % self.strategy.num_replicas_in_sync:
       raise InputError(f"--batch_size={config.global_batch_size} is not divisible "
                        f"by the {self.strategy.num_replicas_in_sync} replicas")
+    self.sample_weights = (None if sample_weights is None else
+                           _check_sample_weights(sample_weights, source.num_rows))
     self.mixed_precision = use_mixed_precision_on_gpus()
     keras.utils.set_random_seed(config.seed)
     with self.strategy.scope():
       backbone = backbones.build_backbone(
           config.backbone, (*config.image_size, 3), config.backbone_weights)
       self.model = backbones.build_classifier(backbone, len(source.class_names))
+      if config.init_classifier:
+        _load_initial_weights(self.model, config.init_classifier)
+      # Frozen, the backbone also keeps its batch-norm statistics (Keras runs
+      # non-trainable BatchNormalization in inference mode).
+      backbones.feature_extractor(self.model).trainable = config.train_backbone
       schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
                                                         config.steps)
       sgd = keras.optimizers.SGD(schedule, momentum=config.momentum,
@@ -177,10 +234,13 @@ class ClassifierTrainer:
   def step(self) -> int:
     return int(self.optimizer.iterations.numpy())
 
-  def _replica_step(self, pixels, labels):
+  def _replica_step(self, pixels, labels, weights):
     with tf.GradientTape() as tape:
       logits = self.model(pixels, training=True)
-      per_image = keras.losses.sparse_categorical_crossentropy(
+      # Eq. 14, averaged over the global batch rather than over the sum of
+      # its weights: a batch of mostly mislabelled (low-weight) images then
+      # moves the classifier less, instead of being renormalised up.
+      per_image = weights * keras.losses.sparse_categorical_crossentropy(
           labels, logits, from_logits=True)
       loss = tf.nn.compute_average_loss(
           per_image, global_batch_size=self.config.global_batch_size)
@@ -192,12 +252,16 @@ class ClassifierTrainer:
     return {"loss": loss,
             "accuracy": correct / self.config.global_batch_size}
 
-  def _distributed_step(self, pixels, labels):
-    per_replica = self.strategy.run(self._replica_step, args=(pixels, labels))
+  def _distributed_step(self, pixels, labels, weights):
+    per_replica = self.strategy.run(self._replica_step,
+                                    args=(pixels, labels, weights))
     return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
   def train(self, test_source: Optional[images.ImageSource] = None) -> dict:
     """Trains to ``config.steps``, resuming; saves the models; returns a summary.
+
+    ``summary.json`` is written last (atomically): its presence means the
+    run finished.
 
     Args:
       test_source: labelled images for the final top-1 accuracy.
@@ -208,7 +272,8 @@ class ClassifierTrainer:
       logging.info("Resumed from %s at step %d", restored, self.step)
     start = self.step * config.global_batch_size
     batches = iter(self.strategy.distribute_datasets_from_function(
-        lambda context: training_dataset(self.source, config, start, context)))
+        lambda context: training_dataset(self.source, config, start, context,
+                                         self.sample_weights)))
     started, start_step = time.time(), self.step
     while self.step < config.steps:
       metrics = self._train_step(*next(batches))
@@ -226,6 +291,8 @@ class ClassifierTrainer:
     summary = {"steps": self.step, "num_classes": len(self.source.class_names),
                "train_rows": self.source.num_rows,
                "config": dataclasses.asdict(config)}
+    if self.sample_weights is not None:
+      summary["mean_sample_weight"] = float(self.sample_weights.mean())
     if test_source is not None:
       if tuple(test_source.class_names) != tuple(self.source.class_names):
         raise InputError(f"{test_source.description}: class names differ from "

@@ -13,3 +13,16 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture(scope="session")
+def two_cpu_strategy():
+  """One MirroredStrategy over the two logical CPUs, shared by all tests.
+
+  Each MirroredStrategy numbers its collective ops from the same start; two
+  of them over the same devices in one process can clash ("Shape mismatch in
+  the collective instance"), so tests share this one.
+  """
+  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cleannet_tf import backbones, classifier, extraction, images
@@ -141,8 +140,8 @@ def test_step1_resume_matches_a_straight_run(tmp_path):
                              rtol=1e-5)
 
 
-def test_step1_under_mirrored_strategy(tmp_path):
+def test_step1_under_mirrored_strategy(tmp_path, two_cpu_strategy):
   source = images.read_manifest(write_images(tmp_path))
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-  trainer = classifier.ClassifierTrainer(source, str(tmp_path / "m"), _config(2), strategy)
+  trainer = classifier.ClassifierTrainer(source, str(tmp_path / "m"), _config(2),
+                                         two_cpu_strategy)
   assert trainer.train()["steps"] == 2

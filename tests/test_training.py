@@ -55,13 +55,12 @@ def weights_of(model):
   return [np.asarray(w) for w in model.trainable_weights]
 
 
-def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path):
+def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path, two_cpu_strategy):
   refs = reference_sets(feature_set)
   keras.utils.set_random_seed(0)
   single = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "a"), config())
-  mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   mirrored = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "b"),
-                              config(), strategy=mirrored_strategy)
+                              config(), strategy=two_cpu_strategy)
   assert mirrored.strategy.num_replicas_in_sync == 2
   mirrored.model.set_weights(single.model.get_weights())
   batches = [next(single.iterator) for _ in range(4)]

@@ -1,8 +1,15 @@
-"""Step 1: trains the image classifier on the noisy labels; a rerun resumes.
+"""Trains the image classifier (step 1, or step 3 with weights); a rerun resumes.
 
   python -m tools.train_classifier --manifest=train.csv --model_dir=runs/step1 \
       [--test_manifest=test.csv] [--backbone=resnet50 --backbone_weights=imagenet \
       --image_size=224] [--steps=5000]
+
+Step 3 (Sec. 3.3): fine-tune a trained classifier with CleanNet's weights of
+the same manifest's rows (a weights.npz of tools.train_alternating):
+
+  python -m tools.train_classifier --manifest=train.csv --model_dir=runs/step3 \
+      --init_classifier=runs/step1/classifier.keras \
+      --sample_weights=weights.npz --weighting=soft [--freeze_backbone]
 
 Writes <model_dir>/classifier.keras, feature_extractor.keras (f_v, for
 tools.extract_features), summary.json (with the test top-1) and checkpoints/.
@@ -14,7 +21,7 @@ import os
 from absl import flags
 
 from tools import common, image_flags
-from cleannet_tf import backbones, classifier, distribute, images
+from cleannet_tf import alternating, backbones, classifier, distribute, images
 
 _DEFAULT = classifier.ClassifierConfig()
 flags.DEFINE_string("model_dir", None, "Output and checkpoint directory.")
@@ -37,6 +44,14 @@ flags.DEFINE_integer("log_every", _DEFAULT.log_every, "Progress period.")
 flags.DEFINE_integer("seed", _DEFAULT.seed, "Seed for init, shuffling, augmentation.")
 flags.DEFINE_enum("strategy", "auto", list(distribute.STRATEGIES),
                   "auto: MultiWorkerMirrored with TF_CONFIG, Mirrored on GPUs, else default.")
+flags.DEFINE_string("init_classifier", None,
+                    "classifier.keras to fine-tune (same backbone and classes).")
+flags.DEFINE_bool("freeze_backbone", False,
+                  "Train the dense head only (later rounds of Sec. 3.3).")
+flags.DEFINE_string("sample_weights", None,
+                    "weights.npz with w_soft/w_hard per manifest row; unset: all 1.")
+flags.DEFINE_enum("weighting", "soft", list(alternating.WEIGHTINGS),
+                  "Which weights of --sample_weights: soft (Eq. 12) or hard (Eq. 13).")
 flags.mark_flags_as_required(["model_dir"])
 FLAGS = flags.FLAGS
 
@@ -52,10 +67,16 @@ def main(_):
       global_batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
       momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
-      seed=FLAGS.seed)
+      seed=FLAGS.seed, init_classifier=FLAGS.init_classifier,
+      train_backbone=not FLAGS.freeze_backbone)
+  weights = None
+  if FLAGS.sample_weights:
+    weights = alternating.load_weights(FLAGS.sample_weights, FLAGS.weighting,
+                                       source.num_rows)
   os.makedirs(FLAGS.model_dir, exist_ok=True)
   trainer = classifier.ClassifierTrainer(
-      source, FLAGS.model_dir, config, distribute.make_strategy(FLAGS.strategy))
+      source, FLAGS.model_dir, config, distribute.make_strategy(FLAGS.strategy),
+      weights)
   summary = trainer.train(test_source)
   print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
 
