@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7"],
+        # Only tools/benchmark_detection.py uses these; nothing else imports them.
+        "benchmark": ["cleanlab>=2.6,<3", "matplotlib>=3.7,<4"],
     },
     entry_points={
         "console_scripts": [
@@ -40,6 +42,7 @@ setup(
             "cleannet-cifar10n-features=tools.cifar10n_features:run",
             "cleannet-train-alternating=tools.train_alternating:run",
             "cleannet-review=tools.review_report:run",
+            "cleannet-benchmark-detection=tools.benchmark_detection:run",
             "cleannet-export=tools.export_savedmodel:run",
             "cleannet-serving-client=tools.serving_client:run",
         ],

@@ -1,0 +1,121 @@
+"""Tests of the detection baselines and the benchmark's markdown section."""
+
+import numpy as np
+import pytest
+
+from cleannet_tf import baselines, detection
+from tools import benchmark_detection
+
+NUM_CLASSES = 3
+
+
+def _problem(num_rows=300, dim=8, separation=4.0, verified_classes=(0, 1, 2), seed=0):
+  """Synthetic rows: a clean row sits near its class's centre, a noisy one far.
+
+  Returns (problem, truth of every row, verified training rows' mask).
+  """
+  rng = np.random.default_rng(seed)
+  class_ids = rng.integers(0, NUM_CLASSES, num_rows)
+  truth = (rng.random(num_rows) < 0.7).astype(np.int64)
+  centres = rng.normal(size=(NUM_CLASSES, dim)) * separation
+  # Mislabeled rows look like another class.
+  source = np.where(truth == 1, class_ids, (class_ids + 1) % NUM_CLASSES)
+  features = np.abs(centres[source] + rng.normal(size=(num_rows, dim)))
+  labelled = np.isin(class_ids, verified_classes) & (rng.random(num_rows) < 0.3)
+  train = np.flatnonzero(labelled)
+  return (baselines.Problem(features.astype(np.float32), class_ids, train, truth[train],
+                            NUM_CLASSES, seed), truth, labelled)
+
+
+def _error(problem, truth, labelled, scores):
+  """Average per-class error on unlabelled rows at a threshold chosen on labelled rows."""
+  delta, _ = detection.select_threshold(problem.class_ids[labelled], truth[labelled],
+                                        scores[labelled])
+  rest = ~labelled
+  return detection.average_per_class_error(problem.class_ids[rest], truth[rest],
+                                           detection.decisions(scores[rest], delta))
+
+
+def _unsupervised_methods(problem):
+  references = np.abs(np.random.default_rng(1).normal(size=(NUM_CLASSES, 4, 8)))
+  probabilities = np.random.default_rng(2).random((len(problem.class_ids), NUM_CLASSES))
+  return {
+      "naive": baselines.naive(problem),
+      "average": baselines.average_baseline(problem, references, np.array([4, 2, 3])),
+      "isolation forest": baselines.isolation_forest(problem),
+      "classification filtering": baselines.classification_filtering(problem,
+                                                                     probabilities),
+  }
+
+
+def test_every_baseline_gives_one_finite_score_per_row():
+  problem, _, _ = _problem()
+  scores = {**_unsupervised_methods(problem),
+            **{name: method(problem) for name, method in baselines.SUPERVISED.items()}}
+  for name, values in scores.items():
+    assert values.shape == (300,), name
+    assert np.isfinite(values).all(), name
+
+
+@pytest.mark.parametrize("name", list(baselines.SUPERVISED))
+def test_supervised_baselines_separate_separable_data(name):
+  problem, truth, labelled = _problem()
+  scores = baselines.SUPERVISED[name](problem)
+  assert _error(problem, truth, labelled, scores) < 0.1
+
+
+def test_classes_without_verified_rows_fall_back_to_naive():
+  problem, _, _ = _problem(verified_classes=(0, 1))
+  assert baselines.fallback_classes(problem).tolist() == [2]
+  scores = baselines.mlp(problem)
+  np.testing.assert_array_equal(scores[problem.class_ids == 2], 1.0)
+  assert (scores[problem.class_ids != 2] < 1.0).any()
+
+
+def test_single_label_class_gets_its_verified_clean_share():
+  problem, _, _ = _problem()
+  truth = np.where(problem.class_ids[problem.train] == 1, 0, problem.train_truth)
+  problem = baselines.Problem(problem.features, problem.class_ids, problem.train, truth,
+                              NUM_CLASSES)
+  assert baselines.fallback_classes(problem).tolist() == [1]
+  np.testing.assert_array_equal(baselines.knn(problem)[problem.class_ids == 1], 0.0)
+
+
+def test_classification_filtering_is_minus_the_rank_of_the_noisy_label():
+  problem = baselines.Problem(np.zeros((3, 2)), np.array([0, 1, 2]), np.array([0]),
+                              np.array([1]), 3)
+  probabilities = np.array([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.7, 0.2, 0.1]])
+  np.testing.assert_array_equal(
+      baselines.classification_filtering(problem, probabilities), [0, -1, -2])
+
+
+def test_average_baseline_prefers_rows_near_their_references():
+  features = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+  references = np.array([[[2.0, 0.0], [9.0, 9.0]], [[0.0, 3.0], [0.0, 0.0]]])
+  problem = baselines.Problem(features, np.array([0, 0]), np.array([0]), np.array([1]), 2)
+  # Class 0 has one real reference; its padding row must not count.
+  scores = baselines.average_baseline(problem, references, np.array([1, 1]))
+  np.testing.assert_allclose(scores, [1.0, 0.0], atol=1e-12)
+
+
+def test_cleanlab_flags_rows_or_is_skipped():
+  pytest.importorskip("cleanlab")
+  problem, truth, labelled = _problem(num_rows=600)
+  scores = baselines.cleanlab_issues(problem,
+                                     baselines.cross_validated_probabilities(problem))
+  assert set(np.unique(scores)) <= {0.0, 1.0}
+  assert _error(problem, truth, labelled, scores) < 0.3
+
+
+def test_replace_section_changes_only_the_marked_part():
+  begin, end = benchmark_detection.BEGIN, benchmark_detection.END
+  text = f"# Title\nbefore\n{begin}\nold table\n{end}\nafter\n"
+  replaced = benchmark_detection.replace_section(text, "new table\n")
+  assert replaced == f"# Title\nbefore\n{begin}\nnew table\n{end}\nafter\n"
+  assert benchmark_detection.replace_section(replaced, "new table\n") == replaced
+
+
+def test_replace_section_appends_markers_when_missing():
+  replaced = benchmark_detection.replace_section("# Title\nbody", "table\n")
+  begin, end = benchmark_detection.BEGIN, benchmark_detection.END
+  assert replaced == f"# Title\nbody\n\n{begin}\ntable\n{end}\n"

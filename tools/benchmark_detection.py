@@ -1,0 +1,363 @@
+"""Label-noise detection benchmark on CIFAR-10N features: Table 2 and Fig. 5 analogs.
+
+  python -m tools.benchmark_detection --run_dir=runs/cifar10n \
+      --clean_labels=/path/to/cifar10n/train.csv [--cleannet_steps=6000]
+
+Inputs default to what ``tools.cifar10n_features --out=<run_dir>`` writes: the
+feature set <run_dir>/features/all (its noisy labels are that run's
+--label_column, worse_label or aggre_label), <run_dir>/references.npz, the
+step-1 CNN <run_dir>/step1/classifier.keras and its manifest
+<run_dir>/train.csv. --clean_labels is CIFAR-10N's own train.csv (column
+clean_label; its paths are relative to its folder).
+
+Every method scores every row; one threshold per method is chosen on verified
+validation rows (``detection.select_threshold``) and the average per-class
+error is measured on all rows without verification labels against the clean
+labels. The transfer part holds out the verification labels of n classes and
+measures only on those classes. Writes <out>/detection_benchmark.json,
+<out>/transfer.png (if matplotlib is installed) and regenerates the section of
+--benchmarks_md between its detection markers. The CleanNet model flags are
+those of ``tools.train_cleannet``; --cleannet_steps sets its steps here.
+"""
+
+import dataclasses
+import json
+import os
+import resource
+import shlex
+import sys
+import time
+
+from absl import flags
+from absl import logging
+import numpy as np
+
+from tools import cleannet_flags, common
+from cleannet_tf import baselines, classifier, data, detection, images, references, scoring
+from cleannet_tf import training
+from cleannet_tf.errors import InputError
+
+flags.DEFINE_string("run_dir", None, "Output folder of tools.cifar10n_features.")
+flags.DEFINE_string("features", None, "Feature set; default <run_dir>/features/all.")
+flags.DEFINE_string("references", None, "Reference sets; default <run_dir>/references.npz.")
+flags.DEFINE_string("classifier", None,
+                    "Step-1 CNN for classification filtering; default "
+                    "<run_dir>/step1/classifier.keras.")
+flags.DEFINE_string("manifest", None,
+                    "Image manifest of the feature set's rows; default <run_dir>/train.csv.")
+flags.DEFINE_string("clean_labels", None, "CIFAR-10N train.csv with column clean_label.")
+flags.DEFINE_string("out", None, "Output folder; default <run_dir>/detection_benchmark.")
+flags.DEFINE_integer("cleannet_steps", 6000, "CleanNet training steps per run.")
+flags.DEFINE_list("transfer_n", ["3", "5", "7"],
+                  "Numbers of classes whose verification labels are held out.")
+flags.DEFINE_integer("transfer_splits", 3, "Random class splits per n.")
+flags.DEFINE_string("benchmarks_md", "BENCHMARKS.md",
+                    "Markdown file whose detection section is regenerated; empty: none.")
+flags.mark_flags_as_required(["clean_labels"])
+# This benchmark's CleanNet schedule: fewer steps than the paper's 60k, so
+# validate and decay correspondingly sooner.
+flags.FLAGS.set_default("eval_every", 1000)
+flags.FLAGS.set_default("lr_decay_steps", 4000)
+FLAGS = flags.FLAGS
+
+BEGIN, END = "<!-- detection:begin -->", "<!-- detection:end -->"
+IMAGE_SIZE = (32, 32)
+
+PROTOCOL = """\
+Protocol. Verified rows are the feature set's verification labels (drawn per
+class with a seed by `tools.prepare_cifar10n`). They are split per class into
+training and validation rows (`training.split_verified`, --val_fraction, --seed).
+Every method is fit on the verified training rows only (the unsupervised and
+weakly supervised ones on none), and its one threshold for all classes is
+chosen on the verified validation rows only. Error = average per-class error
+on all rows WITHOUT verification labels, truth = (noisy label == clean label).
+No evaluation row's label and no clean label is used to fit or to choose a
+threshold. Supervised baselines are per-class binary classifiers on the
+signed-log1p, standardised features; a class with fewer than two distinct
+verified labels falls back to a constant (naive where it has none).
+Classification filtering keeps a row whose noisy label is in the step-1 CNN's
+top-K (K chosen on validation rows); cleanlab is `find_label_issues` on 5-fold
+cross-validated softmax-regression probabilities of the features, as shipped
+(no threshold to tune); the unsupervised baseline is a per-class
+IsolationForest. Peak RSS is the growth of the process's peak resident memory
+during the method (methods run in one process, so a method that needs less
+than an earlier peak shows 0)."""
+
+
+def _default(value, *parts):
+  if value:
+    return value
+  if not FLAGS.run_dir:
+    raise InputError(f"--run_dir is needed to locate {os.path.join(*parts)}")
+  return os.path.join(FLAGS.run_dir, *parts)
+
+
+def _align(keys, wanted, what):
+  """Index into `keys` of each of `wanted` (str arrays); InputError if missing."""
+  order = np.argsort(keys)
+  position = np.minimum(np.searchsorted(keys[order], wanted), len(keys) - 1)
+  found = keys[order][position] == wanted
+  if not found.all():
+    raise InputError(f"{what}: no row for key {wanted[np.argmin(found)]!r}")
+  return order[position]
+
+
+def clean_class_ids(path, class_names, keys):
+  """int [N]: clean class of each feature row, matched by image path."""
+  table = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8")
+  if not {"path", "clean_label"} <= set(table.dtype.names):
+    raise InputError(f"{path}: needs columns path and clean_label")
+  root = os.path.dirname(os.path.abspath(path))
+  paths = np.char.add(root + os.sep, table["path"].astype(str))
+  lookup = {name: i for i, name in enumerate(class_names)}
+  unknown = set(np.unique(table["clean_label"]).tolist()) - set(lookup)
+  if unknown:
+    raise InputError(f"{path}: clean labels not among the classes: {sorted(unknown)}")
+  clean = np.vectorize(lookup.get, otypes=[np.int64])(table["clean_label"])
+  return clean[_align(paths, keys, path)]
+
+
+def cnn_probabilities(model_path, manifest_path, class_names, keys, batch_size=512):
+  """float [N, L]: the step-1 CNN's outputs on each feature row's image."""
+  model = common.load_keras(model_path, "the step-1 classifier")
+  source = images.read_manifest(manifest_path, class_names)
+  outputs, seen = [], []
+  for batch in images.image_dataset(source, IMAGE_SIZE, batch_size).as_numpy_iterator():
+    outputs.append(np.asarray(model(batch["image"], training=False), np.float32))
+    seen.append(batch["key"].astype(str))
+  return np.concatenate(outputs)[_align(np.concatenate(seen), keys, manifest_path)]
+
+
+def measured(fn, *args):
+  """(fn(*args), seconds, growth of the peak RSS in MiB)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  started = time.perf_counter()
+  result = fn(*args)
+  seconds = time.perf_counter() - started
+  growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+  return result, seconds, growth
+
+
+def verified_split(verification, class_ids, seed):
+  """(train, val) row indices: the split ``training.Trainer`` makes."""
+  verified = np.flatnonzero(verification >= 0)
+  train, val = training.split_verified(class_ids[verified], FLAGS.val_fraction, seed)
+  return verified[train], verified[val]
+
+
+def threshold_and_error(scores, class_ids, verification, val, evaluated, truth):
+  """Threshold chosen on `val` rows; its validation and evaluation errors."""
+  delta, val_error = detection.select_threshold(class_ids[val], verification[val],
+                                                scores[val])
+  error = detection.average_per_class_error(
+      class_ids[evaluated], truth[evaluated], detection.decisions(scores[evaluated], delta))
+  return {"delta": delta, "val_error": val_error, "error": error}
+
+
+def cleannet_scores(info, reference_sets, model_dir, features, class_ids):
+  """Trains CleanNet on `info` (resuming in `model_dir`) and scores every row."""
+  model_config = cleannet_flags.model_config(info.num_classes, info.dim)
+  model_config["num_references"] = reference_sets.k
+  config = dataclasses.replace(cleannet_flags.train_config(), steps=FLAGS.cleannet_steps)
+  result = training.Trainer(model_config, reference_sets, info, model_dir, config).train()
+  return scoring.Scorer(result.model).score(features, class_ids).astype(np.float64)
+
+
+def full_supervision(rows, truth, reference_sets, probabilities, info, out):
+  """Table 2 analog: every method, its error on the unverified rows and its cost."""
+  class_ids, verification = rows["class_id"], rows["verification"]
+  train, val = verified_split(verification, class_ids, FLAGS.seed)
+  problem = baselines.Problem(rows["features"], class_ids, train, verification[train],
+                              info.num_classes, FLAGS.seed)
+  methods = {
+      "naive": (baselines.naive, problem),
+      "average baseline": (baselines.average_baseline, problem, reference_sets.features,
+                           reference_sets.counts),
+      **{name: (method, problem) for name, method in baselines.SUPERVISED.items()},
+      "IsolationForest (unsupervised)": (baselines.isolation_forest, problem),
+      "classification filtering (step-1 CNN)": (
+          lambda p: baselines.classification_filtering(p, probabilities()), problem),
+  }
+  if baselines.cleanlab_available():
+    methods["cleanlab find_label_issues"] = (
+        lambda p: baselines.cleanlab_issues(p, baselines.cross_validated_probabilities(p)),
+        problem)
+  else:
+    logging.warning("cleanlab is not installed: its baseline is skipped")
+  methods["CleanNet"] = (cleannet_scores, info, reference_sets,
+                         os.path.join(out, "cleannet"), rows["features"], class_ids)
+  evaluated = verification < 0
+  results, scores = {}, {}
+  for name, (fn, *args) in methods.items():
+    logging.info("Detection benchmark: %s", name)
+    scores[name], seconds, growth = measured(fn, *args)
+    results[name] = {**threshold_and_error(scores[name], class_ids, verification, val,
+                                           evaluated, truth),
+                     "seconds": seconds, "peak_rss_growth_mib": growth}
+  fallback = baselines.fallback_classes(problem)
+  return {"methods": results, "cleanlab_installed": baselines.cleanlab_available(),
+          "supervised_fallback_classes": [info.class_names[c] for c in fallback],
+          "num_train_verified": len(train), "num_val_verified": len(val),
+          "num_evaluated": int(evaluated.sum())}, scores
+
+
+def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
+  """Fig. 5 analog: verification labels of n classes held out, error on those."""
+  class_ids, verification = rows["class_id"], rows["verification"]
+  reused = [name for name in full_scores
+            if name.startswith(("classification filtering", "cleanlab"))]
+  report = {}
+  for n in map(int, FLAGS.transfer_n):
+    runs = []
+    for split in range(FLAGS.transfer_splits):
+      rng = np.random.default_rng([FLAGS.seed, n, split])
+      held_out = np.sort(rng.choice(info.num_classes, n, replace=False))
+      in_held_out = np.isin(class_ids, held_out)
+      masked = np.where(in_held_out, -1, verification)
+      evaluated = in_held_out & (verification < 0)
+      _, val = verified_split(masked, class_ids, FLAGS.seed)
+      run_dir = os.path.join(out, f"transfer_n{n}_split{split}")
+      masked_info = data.write_features(
+          os.path.join(run_dir, "features"), rows["key"], rows["features"], class_ids,
+          masked, info.class_names)
+      errors = {name: threshold_and_error(full_scores[name], class_ids, masked, val,
+                                          evaluated, truth)["error"]
+                for name in ["naive", *reused]}
+      # The MLP keeps every class's labels, so its full-supervision threshold.
+      errors["MLP (all labels)"] = detection.average_per_class_error(
+          class_ids[evaluated], truth[evaluated],
+          detection.decisions(full_scores["MLP"][evaluated],
+                              full_results["MLP"]["delta"]))
+      scores = cleannet_scores(masked_info, reference_sets, os.path.join(run_dir, "cleannet"),
+                               rows["features"], class_ids)
+      errors["CleanNet"] = threshold_and_error(scores, class_ids, masked, val, evaluated,
+                                               truth)["error"]
+      runs.append({"held_out": [info.class_names[c] for c in held_out], "errors": errors})
+    names = list(runs[0]["errors"])
+    values = np.array([[run["errors"][name] for name in names] for run in runs])
+    report[n] = {"splits": runs, "mean": dict(zip(names, values.mean(0).tolist())),
+                 "std": dict(zip(names, values.std(0).tolist()))}
+  return report
+
+
+def _percent(value):
+  return f"{100 * value:.2f}%"
+
+
+def markdown(result):
+  """The BENCHMARKS.md section (between the markers) for a benchmark result."""
+  full = result["full"]
+  lines = [
+      "## Label-noise detection on CIFAR-10N features (Table 2 and Fig. 5 analogs)",
+      f"Command: `{result['command']}` (seed {result['seed']}; "
+      f"{result['cleannet_steps']} CleanNet steps per run).",
+      f"Noisy labels: `{result['features']}`, {result['num_rows']} rows, "
+      f"{_percent(result['noise_rate'])} mislabeled; {full['num_train_verified']} verified "
+      f"training and {full['num_val_verified']} verified validation rows; "
+      f"{full['num_evaluated']} evaluated rows.", "", PROTOCOL, "",
+      "| method | val error | error (unverified rows) | delta | seconds | peak RSS growth |",
+      "|---|---|---|---|---|---|"]
+  lines += [f"| {name} | {_percent(r['val_error'])} | {_percent(r['error'])} | "
+            f"{r['delta']:.4g} | {r['seconds']:.1f} | {r['peak_rss_growth_mib']:.0f} MiB |"
+            for name, r in full["methods"].items()]
+  if not full["cleanlab_installed"]:
+    lines.append("\ncleanlab was not installed: its row is missing.")
+  if full["supervised_fallback_classes"]:
+    lines.append("\nSupervised baselines fell back to a constant score for: "
+                 + ", ".join(full["supervised_fallback_classes"]) + ".")
+  if result["transfer"]:
+    lines += ["", "Transfer: verification labels of n of the "
+              f"{len(result['class_names'])} classes held out from CleanNet (and from "
+              "the threshold choice of every method but the MLP, which keeps all "
+              "labels); error on the held-out classes' unverified rows only, mean ± "
+              f"standard deviation over {result['transfer_splits']} random class splits.",
+              ""]
+    names = list(next(iter(result["transfer"].values()))["mean"])
+    lines += ["| n held out | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(
+        f"{_percent(r['mean'][name])} ± {_percent(r['std'][name])}" for name in names) + " |"
+              for n, r in result["transfer"].items()]
+  return "\n".join(lines) + "\n"
+
+
+def replace_section(text, section):
+  """`text` with the part between BEGIN and END replaced by `section`.
+
+  The markers are appended at the end when missing; nothing outside them
+  changes.
+  """
+  start, stop = text.find(BEGIN), text.find(END)
+  if start < 0 or stop < start:
+    separator = "" if not text or text.endswith("\n") else "\n"
+    return f"{text}{separator}\n{BEGIN}\n{section}{END}\n"
+  return f"{text[:start + len(BEGIN)]}\n{section}{text[stop:]}"
+
+
+def plot(transfer_report, path):
+  """Fig. 5 analog as a PNG; skipped without matplotlib (a benchmark-only extra)."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("matplotlib is not installed: no transfer plot")
+    return
+  matplotlib.use("Agg")
+  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+  ns = sorted(transfer_report)
+  names = list(transfer_report[ns[0]]["mean"])
+  figure, axes = pyplot.subplots(figsize=(6, 4))
+  for name in names:
+    axes.errorbar(ns, [100 * transfer_report[n]["mean"][name] for n in ns],
+                  yerr=[100 * transfer_report[n]["std"][name] for n in ns],
+                  marker="o", capsize=3, label=name)
+  axes.set_xlabel("classes with verification labels held out (n)")
+  axes.set_ylabel("average error on held-out classes (%)")
+  axes.set_xticks(ns)
+  axes.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+
+
+def main(_):
+  info = data.read_info(_default(FLAGS.features, "features", "all"))
+  reference_sets = references.ReferenceSets.load(_default(FLAGS.references,
+                                                          "references.npz"))
+  out = _default(FLAGS.out, "detection_benchmark")
+  os.makedirs(out, exist_ok=True)
+  rows = data.load_arrays(info, verification="all")
+  keys = rows["key"].astype(str)
+  truth = (rows["class_id"] == clean_class_ids(FLAGS.clean_labels, info.class_names,
+                                               keys)).astype(np.int64)
+  classifier_path = _default(FLAGS.classifier, "step1", classifier.CLASSIFIER_FILE)
+  manifest = _default(FLAGS.manifest, "train.csv")
+
+  def probabilities():
+    return cnn_probabilities(classifier_path, manifest, info.class_names, keys)
+
+  full, scores = full_supervision(rows, truth, reference_sets, probabilities, info, out)
+  result = {
+      "command": "python -m tools.benchmark_detection " + shlex.join(sys.argv[1:]),
+      "seed": FLAGS.seed, "cleannet_steps": FLAGS.cleannet_steps,
+      "features": info.directory, "num_rows": info.num_rows,
+      "class_names": list(info.class_names), "noise_rate": float(1 - truth.mean()),
+      "transfer_splits": FLAGS.transfer_splits, "full": full,
+      "transfer": transfer(rows, truth, reference_sets, scores, full["methods"], info, out)}
+  with open(os.path.join(out, "detection_benchmark.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  if result["transfer"]:
+    plot(result["transfer"], os.path.join(out, "transfer.png"))
+  if FLAGS.benchmarks_md:
+    text = ""
+    if os.path.exists(FLAGS.benchmarks_md):
+      with open(FLAGS.benchmarks_md, encoding="utf-8") as f:
+        text = f.read()
+    data.atomic_write_text(FLAGS.benchmarks_md, replace_section(text, markdown(result)))
+  print(markdown(result))
+
+
+def run():
+  common.run(main)
+
+
+if __name__ == "__main__":
+  run()
