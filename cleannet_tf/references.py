@@ -228,23 +228,8 @@ def build_kmeans_references(features, class_ids, num_classes, k=50, seed=0,
   Returns:
     ReferenceSets with features float32 [L, k, D] and counts int32 [L].
   """
-  features, order, starts = _group_by_class(
-      "build_kmeans_references", features, class_ids, num_classes, k)
-  out = np.zeros((num_classes, k, features.shape[1]), np.float32)
-  counts = np.zeros(num_classes, np.int32)
-  seeds = _class_seeds(seed, num_classes)
-  for c in range(num_classes):
-    rows = features[order[starts[c]:starts[c + 1]]]
-    if len(rows) <= k:
-      out[c, :len(rows)] = rows
-      counts[c] = len(rows)
-      continue
-    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init,
-                max_iter=max_iter, algorithm="lloyd",
-                random_state=int(seeds[c])).fit(rows)
-    out[c] = km.cluster_centers_
-    counts[c] = k
-  return ReferenceSets(features=out, counts=counts)
+  return _build_in_memory("build_kmeans_references", features, class_ids, num_classes,
+                          k, "kmeans", seed, max_iter, n_init)
 
 
 def build_random_references(features, class_ids, num_classes, k=50,
@@ -265,27 +250,33 @@ def build_random_references(features, class_ids, num_classes, k=50,
   Returns:
     ReferenceSets with features float32 [L, k, D] and counts int32 [L].
   """
-  features, order, starts = _group_by_class(
-      "build_random_references", features, class_ids, num_classes, k)
+  return _build_in_memory("build_random_references", features, class_ids, num_classes,
+                          k, "random", seed, max_iter=50, n_init=3)
+
+
+def _build_in_memory(fn, features, class_ids, num_classes, k, method, seed, max_iter,
+                     n_init):
+  """Both in-memory builders: group rows by class, reduce each class."""
+  features, order, starts = _group_by_class(fn, features, class_ids, num_classes, k)
   out = np.zeros((num_classes, k, features.shape[1]), np.float32)
   counts = np.zeros(num_classes, np.int32)
+  seeds = _class_seeds(seed, num_classes)
   rng = np.random.default_rng(seed)
   for c in range(num_classes):
-    idx = order[starts[c]:starts[c + 1]]
-    if len(idx) > k:
-      idx = rng.choice(idx, size=k, replace=False)
-    out[c, :len(idx)] = features[idx]
-    counts[c] = len(idx)
+    rows = features[order[starts[c]:starts[c + 1]]]
+    references, counts[c] = _class_references(rows, k, method, seeds[c], rng, max_iter,
+                                              n_init)
+    out[c, :counts[c]] = references
   return ReferenceSets(features=out, counts=counts)
 
 
 def _class_references(rows, k, method, seed, rng, max_iter, n_init):
-  """One class's references and count, as the in-memory builders pick them.
+  """One class's references and count; shared by every builder, so they agree.
 
   Args:
     rows: float32 [n, D], the class's rows in input order.
     seed: this class's K-means seed (``_class_seeds``).
-    rng: the random builder's generator, shared across classes in class order.
+    rng: the random method's generator, shared across classes in class order.
 
   Returns:
     (float32 [min(n, k), D], min(n, k)).
@@ -296,7 +287,6 @@ def _class_references(rows, k, method, seed, rng, max_iter, n_init):
                 random_state=int(seed)).fit(rows)
     return km.cluster_centers_, k
   if len(rows) > k:
-    # The same draw as build_random_references (choice over the class's rows).
     return rows[rng.choice(len(rows), size=k, replace=False)], k
   return rows, len(rows)
 
