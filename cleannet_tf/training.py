@@ -39,6 +39,7 @@ class TrainConfig:
   lr_decay_rate: float = 0.1
   weight_decay: float = 1e-4
   cross_class_negatives: float = 0.0
+  unverified_cross_class_negatives: float = 0.0
   loss: losses.LossWeights = losses.LossWeights()
   val_fraction: float = 0.2
   eval_every: int = 2_000
@@ -59,6 +60,29 @@ class TrainConfig:
       raise InputError(f"--unverified_fraction={self.unverified_fraction} leaves no "
                        "verified query in a replica's batch")
     return (per_replica - unverified) * num_replicas, unverified * num_replicas
+
+
+def with_overrides(model_config, train_config, overrides):
+  """(model_config, train_config) with `overrides` {name: value} applied.
+
+  A name is looked up among the ``CleanNet`` keyword arguments, then the
+  ``TrainConfig`` fields, then the ``losses.LossWeights`` fields; an unknown
+  name is an ``InputError``. Benchmarks use this to train ablation variants.
+  """
+  model_config, loss_changes, train_changes = dict(model_config), {}, {}
+  train_fields = {field.name for field in dataclasses.fields(TrainConfig)}
+  loss_fields = {field.name for field in dataclasses.fields(losses.LossWeights)}
+  for name, value in overrides.items():
+    if name in model_config:
+      model_config[name] = value
+    elif name in train_fields and name != "loss":
+      train_changes[name] = value
+    elif name in loss_fields:
+      loss_changes[name] = value
+    else:
+      raise InputError(f"unknown CleanNet setting {name!r} in an override")
+  loss = dataclasses.replace(train_config.loss, **loss_changes)
+  return model_config, dataclasses.replace(train_config, loss=loss, **train_changes)
 
 
 def split_verified(class_ids, val_fraction, seed):
@@ -107,14 +131,22 @@ def _query_fields(rows):
           "verification": rows["verification"]}
 
 
-def _cross_class_negatives(num_classes, fraction, seed):
-  """Turns some verified-correct queries into verified negatives of other classes.
+def _cross_class_negatives(num_classes, fraction, seed, source=losses.CORRECT):
+  """Turns some queries labelled `source` into negatives (l=0) of other classes.
 
-  An image verified as correctly labelled c is, classes being exclusive,
-  mislabelled for any other class c'. Re-pairing a share of the l=1 queries
-  with a random other class's reference set (l=0) gives supervised negatives
-  for every class, verified or not, so the encoders cannot satisfy Eq. 6 by
-  memorising the few verified classes. Stateless in (seed, batch position).
+  With source l=1: an image verified as correctly labelled c is, classes being
+  exclusive, mislabelled for any other class c'. Re-pairing a share of the l=1
+  queries with a random other class's reference set (l=0) gives supervised
+  negatives for every class, verified or not, so the encoders cannot satisfy
+  Eq. 6 by memorising the few verified classes.
+
+  With source l=-1 (unverified queries): an image labelled c belongs to a
+  random other class c' only with probability noise(c) P(c'|c), a few percent,
+  so the re-paired query is a near-certain negative for c'. This gives the
+  query encoder negatives from the whole noisy data set, in every class; the
+  Eq. 8 pseudo-labels only ever pull queries toward their own class.
+
+  Stateless in (seed, batch position).
   """
 
   def convert(position, batch):
@@ -123,7 +155,7 @@ def _cross_class_negatives(num_classes, fraction, seed):
     coin = tf.random.stateless_uniform([size], seed=seeds)
     shift = tf.random.stateless_uniform([size], seed=seeds + 1, minval=1,
                                         maxval=num_classes, dtype=tf.int64)
-    chosen = (coin < fraction) & (batch["verification"] == losses.CORRECT)
+    chosen = (coin < fraction) & (batch["verification"] == source)
     return {"features": batch["features"],
             "class_id": tf.where(chosen, (batch["class_id"] + shift) % num_classes,
                                  batch["class_id"]),
@@ -161,6 +193,10 @@ def training_dataset(verified, unverified_info, config, num_verified, num_unveri
                                                  config.seed + 2))
                    .map(lambda _, row: row)
                    .batch(num_unverified, drop_remainder=True))
+  if config.unverified_cross_class_negatives:
+    unverified_ds = unverified_ds.enumerate().map(_cross_class_negatives(
+        unverified_info.num_classes, config.unverified_cross_class_negatives,
+        config.seed + 4, source=losses.UNVERIFIED))
   return tf.data.Dataset.zip((verified_ds, unverified_ds)).prefetch(2)
 
 

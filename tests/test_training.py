@@ -166,3 +166,27 @@ def test_cross_class_negatives_repair_only_verified_correct_queries():
   none = training._cross_class_negatives(NUM_CLASSES, 0.0, seed=0)(tf.constant(0, tf.int64),
                                                                     batch)
   np.testing.assert_array_equal(none["class_id"], batch["class_id"])
+
+
+def test_unverified_cross_class_negatives_repair_only_unverified_queries(tmp_path):
+  info = make_feature_set(tmp_path / "fs", n=200, verified_share=0.2)
+  rows = data.load_arrays(info, verification="verified")
+  dataset = training.training_dataset(
+      rows, info, config(unverified_cross_class_negatives=0.5, shuffle_buffer=200), 8, 32)
+  verified, unverified = next(iter(dataset))
+  labels = unverified["verification"].numpy()
+  # About half the unverified queries become negatives of another class; the
+  # verified queries keep their labels.
+  assert set(labels) <= {-1, 0} and 0.2 < (labels == 0).mean() < 0.8, labels
+  assert set(verified["verification"].numpy()) <= {0, 1}
+
+
+def test_with_overrides_routes_model_training_and_loss_settings():
+  model_config = {"num_classes": 3, "dropout": 0.0}
+  new_model, new_train = training.with_overrides(
+      model_config, training.TrainConfig(),
+      {"dropout": 0.2, "weight_decay": 1e-3, "gamma": 1.0})
+  assert new_model["dropout"] == 0.2 and model_config["dropout"] == 0.0
+  assert new_train.weight_decay == 1e-3 and new_train.loss.gamma == 1.0
+  with pytest.raises(InputError, match="unknown CleanNet setting 'gama'"):
+    training.with_overrides(model_config, training.TrainConfig(), {"gama": 1.0})

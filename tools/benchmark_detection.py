@@ -53,6 +53,13 @@ flags.DEFINE_list("transfer_n", ["3", "5", "7"],
 flags.DEFINE_integer("transfer_splits", 3, "Random class splits per n.")
 flags.DEFINE_string("benchmarks_md", "BENCHMARKS.md",
                     "Markdown file whose detection section is regenerated; empty: none.")
+flags.DEFINE_string("section", None,
+                    "Name of that section; default detection-<label column> from "
+                    "<run_dir>/manifests.json, else detection.")
+flags.DEFINE_list("ablations", [],
+                  "CleanNet variants (names in ABLATIONS, or 'all') also trained on "
+                  "full supervision and on transfer with --ablation_transfer_n held out.")
+flags.DEFINE_integer("ablation_transfer_n", 5, "Classes held out in the ablation's transfer.")
 flags.mark_flags_as_required(["clean_labels"])
 # This benchmark's CleanNet schedule: fewer steps than the paper's 60k, so
 # validate and decay correspondingly sooner.
@@ -154,11 +161,16 @@ def threshold_and_error(scores, class_ids, verification, val, evaluated, truth):
   return {"delta": delta, "val_error": val_error, "error": error}
 
 
-def cleannet_scores(info, reference_sets, model_dir, features, class_ids):
-  """Trains CleanNet on `info` (resuming in `model_dir`) and scores every row."""
+def cleannet_scores(info, reference_sets, model_dir, features, class_ids, overrides=None):
+  """Trains CleanNet on `info` (resuming in `model_dir`) and scores every row.
+
+  `overrides` {setting: value} changes the flags' model and training settings
+  (``training.with_overrides``), for ablations.
+  """
   model_config = cleannet_flags.model_config(info.num_classes, info.dim)
   model_config["num_references"] = reference_sets.k
   config = dataclasses.replace(cleannet_flags.train_config(), steps=FLAGS.cleannet_steps)
+  model_config, config = training.with_overrides(model_config, config, overrides or {})
   result = training.Trainer(model_config, reference_sets, info, model_dir, config).train()
   return scoring.Scorer(result.model).score(features, class_ids).astype(np.float64)
 
@@ -201,25 +213,49 @@ def full_supervision(rows, truth, reference_sets, probabilities, info, out):
           "num_evaluated": int(evaluated.sum())}, scores
 
 
-def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
-  """Fig. 5 analog: verification labels of n classes held out, error on those."""
+def held_out_split(rows, n, split, info, out):
+  """The n classes of random split `split` whose verification labels are hidden.
+
+  Returns (held-out class ids, masked verification [N], evaluated mask [N],
+  validation row indices, feature set with the masked labels). The feature set
+  is written once under <out>/transfer_n<n>_split<split>/ and reused.
+  """
   class_ids, verification = rows["class_id"], rows["verification"]
+  rng = np.random.default_rng([FLAGS.seed, n, split])
+  held_out = np.sort(rng.choice(info.num_classes, n, replace=False))
+  in_held_out = np.isin(class_ids, held_out)
+  masked = np.where(in_held_out, -1, verification)
+  evaluated = in_held_out & (verification < 0)
+  _, val = verified_split(masked, class_ids, FLAGS.seed)
+  directory = os.path.join(out, f"transfer_n{n}_split{split}", "features")
+  if os.path.exists(os.path.join(directory, data.METADATA_FILE)):
+    masked_info = data.read_info(directory)
+  else:
+    masked_info = data.write_features(directory, rows["key"], rows["features"], class_ids,
+                                      masked, info.class_names)
+  return held_out, masked, evaluated, val, masked_info
+
+
+def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
+  """Fig. 5 analog: verification labels of n classes held out, error on those.
+
+  n = 0 holds nothing out: its errors are the full-supervision ones, on all
+  classes.
+  """
+  class_ids = rows["class_id"]
   reused = [name for name in full_scores
             if name.startswith(("classification filtering", "cleanlab"))]
   report = {}
   for n in map(int, FLAGS.transfer_n):
     runs = []
-    for split in range(FLAGS.transfer_splits):
-      rng = np.random.default_rng([FLAGS.seed, n, split])
-      held_out = np.sort(rng.choice(info.num_classes, n, replace=False))
-      in_held_out = np.isin(class_ids, held_out)
-      masked = np.where(in_held_out, -1, verification)
-      evaluated = in_held_out & (verification < 0)
-      _, val = verified_split(masked, class_ids, FLAGS.seed)
-      run_dir = os.path.join(out, f"transfer_n{n}_split{split}")
-      masked_info = data.write_features(
-          os.path.join(run_dir, "features"), rows["key"], rows["features"], class_ids,
-          masked, info.class_names)
+    if n == 0:
+      errors = {name: full_results[name]["error"] for name in ["naive", *reused]}
+      errors["MLP (all labels)"] = full_results["MLP"]["error"]
+      errors["CleanNet"] = full_results["CleanNet"]["error"]
+      runs.append({"held_out": [], "errors": errors})
+    for split in range(FLAGS.transfer_splits if n else 0):
+      held_out, masked, evaluated, val, masked_info = held_out_split(rows, n, split, info,
+                                                                    out)
       errors = {name: threshold_and_error(full_scores[name], class_ids, masked, val,
                                           evaluated, truth)["error"]
                 for name in ["naive", *reused]}
@@ -228,7 +264,8 @@ def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
           class_ids[evaluated], truth[evaluated],
           detection.decisions(full_scores["MLP"][evaluated],
                               full_results["MLP"]["delta"]))
-      scores = cleannet_scores(masked_info, reference_sets, os.path.join(run_dir, "cleannet"),
+      scores = cleannet_scores(masked_info, reference_sets,
+                               os.path.join(out, f"transfer_n{n}_split{split}", "cleannet"),
                                rows["features"], class_ids)
       errors["CleanNet"] = threshold_and_error(scores, class_ids, masked, val, evaluated,
                                                truth)["error"]
@@ -238,6 +275,65 @@ def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
     report[n] = {"splits": runs, "mean": dict(zip(names, values.mean(0).tolist())),
                  "std": dict(zip(names, values.std(0).tolist()))}
   return report
+
+
+def ablation(rows, truth, reference_sets, full_results, transfer_report, info, out):
+  """Each --ablations variant: CleanNet trained with its overrides of the flags.
+
+  Full supervision (error on all unverified rows) and transfer with
+  --ablation_transfer_n classes held out over the same --transfer_splits
+  splits; the first row is the run with the flags as given (shipped defaults).
+  """
+  names = list(ABLATIONS) if FLAGS.ablations == ["all"] else FLAGS.ablations
+  unknown = sorted(set(names) - set(ABLATIONS))
+  if unknown:
+    raise InputError(f"--ablations: unknown variant {unknown[0]!r}; known: "
+                     + ", ".join(ABLATIONS))
+  class_ids, verification = rows["class_id"], rows["verification"]
+  _, val = verified_split(verification, class_ids, FLAGS.seed)
+  n = FLAGS.ablation_transfer_n
+  transfer_runs = transfer_report.get(n, {}).get("splits", [])
+  report = {"defaults (this run's flags)": {
+      "overrides": {}, "val_error": full_results["CleanNet"]["val_error"],
+      "error": full_results["CleanNet"]["error"],
+      "transfer": [run["errors"]["CleanNet"] for run in transfer_runs]}}
+  for name in names:
+    overrides, slug = ABLATIONS[name], _slug(name)
+    logging.info("Ablation: %s %s", name, overrides)
+    scores = cleannet_scores(info, reference_sets, os.path.join(out, f"cleannet-{slug}"),
+                             rows["features"], class_ids, overrides)
+    full = threshold_and_error(scores, class_ids, verification, val, verification < 0,
+                               truth)
+    errors = []
+    for split in range(FLAGS.transfer_splits if n else 0):
+      _, masked, evaluated, split_val, masked_info = held_out_split(rows, n, split, info,
+                                                                    out)
+      scores = cleannet_scores(
+          masked_info, reference_sets,
+          os.path.join(out, f"transfer_n{n}_split{split}", f"cleannet-{slug}"),
+          rows["features"], class_ids, overrides)
+      errors.append(threshold_and_error(scores, class_ids, masked, split_val, evaluated,
+                                        truth)["error"])
+    report[name] = {"overrides": overrides, "val_error": full["val_error"],
+                    "error": full["error"], "transfer": errors}
+  return report
+
+
+def _slug(name):
+  return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def section_name():
+  """--section, else detection-<label column> of the run's manifests, else detection."""
+  if FLAGS.section:
+    return FLAGS.section
+  # Written by tools.prepare_cifar10n (MANIFESTS_RECORD); importing that tool
+  # here would redefine its --out and --seed flags.
+  record = os.path.join(FLAGS.run_dir or "", "manifests.json")
+  if FLAGS.run_dir and os.path.exists(record):
+    with open(record, encoding="utf-8") as f:
+      return "detection-" + json.load(f)["label_column"]
+  return "detection"
 
 
 def _percent(value):
@@ -278,6 +374,21 @@ def markdown(result):
     lines += [f"| {n} | " + " | ".join(
         f"{_percent(r['mean'][name])} ± {_percent(r['std'][name])}" for name in names) + " |"
               for n, r in result["transfer"].items()]
+  if result.get("ablation"):
+    n = result["ablation_transfer_n"]
+    lines += ["", "Ablation: CleanNet variants on the same features, splits and protocol; "
+              "each row changes the settings of the first row as listed. Error on all "
+              f"unverified rows (full supervision), and on the held-out classes with {n} "
+              "classes' verification labels held out (mean ± standard deviation over the "
+              "splits above).", "",
+              "| CleanNet variant | changes | val error | error (unverified rows) | "
+              f"transfer n={n} |", "|---|---|---|---|---|"]
+    for name, r in result["ablation"].items():
+      changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
+      transfer_cell = (f"{_percent(np.mean(r['transfer']))} ± "
+                       f"{_percent(np.std(r['transfer']))}" if r["transfer"] else "—")
+      lines.append(f"| {name} | {changes} | {_percent(r['val_error'])} | "
+                   f"{_percent(r['error'])} | {transfer_cell} |")
   return "\n".join(lines) + "\n"
 
 
@@ -342,8 +453,12 @@ def main(_):
       "class_names": list(info.class_names), "noise_rate": float(1 - truth.mean()),
       "transfer_splits": FLAGS.transfer_splits, "full": full,
       "transfer": transfer(rows, truth, reference_sets, scores, full["methods"], info, out)}
-  with open(os.path.join(out, "detection_benchmark.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  if FLAGS.ablations:
+    result["ablation_transfer_n"] = FLAGS.ablation_transfer_n
+    result["ablation"] = ablation(rows, truth, reference_sets, full["methods"],
+                                  result["transfer"], info, out)
+  data.atomic_write_text(os.path.join(out, "detection_benchmark.json"),
+                         json.dumps(result, indent=2) + "\n")
   if result["transfer"]:
     plot(result["transfer"], os.path.join(out, "transfer.png"))
   if FLAGS.benchmarks_md:

@@ -43,6 +43,9 @@ flags.DEFINE_float("pseudo_label_margin", _LOSS.pseudo_label_margin,
 flags.DEFINE_float("cross_class_negatives", _TRAIN.cross_class_negatives,
                    "Share of verified-correct queries re-paired with another class's "
                    "reference set as verified negatives.")
+flags.DEFINE_float("unverified_cross_class_negatives", _TRAIN.unverified_cross_class_negatives,
+                   "Share of unverified queries re-paired with another class's "
+                   "reference set as negatives.")
 flags.DEFINE_float("val_fraction", _TRAIN.val_fraction,
                    "Share of verified rows held out for validation (without --val_features).")
 flags.DEFINE_integer("eval_every", _TRAIN.eval_every, "Validate every this many steps.")
@@ -62,8 +65,8 @@ flags.register_validator("unverified_fraction", lambda v: 0.0 <= v < 1.0,
                          "--unverified_fraction must be in [0, 1)")
 flags.register_validator("val_fraction", lambda v: 0.0 < v < 1.0,
                          "--val_fraction must be in (0, 1)")
-flags.register_validator("cross_class_negatives", lambda v: 0.0 <= v <= 1.0,
-                         "--cross_class_negatives must be in [0, 1]")
+for _name in ("cross_class_negatives", "unverified_cross_class_negatives"):
+  flags.register_validator(_name, lambda v: 0.0 <= v <= 1.0, f"--{_name} must be in [0, 1]")
 flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
 
 
@@ -86,6 +89,7 @@ def train_config():
       loss=losses.LossWeights(FLAGS.margin, FLAGS.negative_weight, FLAGS.beta, FLAGS.gamma,
                               FLAGS.pseudo_label_margin),
       cross_class_negatives=FLAGS.cross_class_negatives,
+      unverified_cross_class_negatives=FLAGS.unverified_cross_class_negatives,
       val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)

@@ -54,6 +54,9 @@ def _write_csv(path, columns):
   os.replace(temporary, path)
 
 
+MANIFESTS_RECORD = "manifests.json"
+
+
 def prepare(data_dir, out_dir, label_column="worse_label", verified_per_class=250,
             seed=0):
   """Writes the manifests; returns {"train", "test", "classes"} paths and stats."""
@@ -79,10 +82,15 @@ def prepare(data_dir, out_dir, label_column="worse_label", verified_per_class=25
                              "label": test["label"]})
   data.write_class_names(paths["classes"], class_names)
   verified = verification >= 0
-  return {**paths, "train_rows": int(len(noisy)),
-          "noise_rate": float(np.mean(noisy != clean)),
-          "verified_rows": int(verified.sum()),
-          "verified_correct": int((verification == 1).sum())}
+  record = {**paths, "label_column": label_column, "seed": seed,
+            "verified_per_class": verified_per_class, "train_rows": int(len(noisy)),
+            "noise_rate": float(np.mean(noisy != clean)),
+            "verified_rows": int(verified.sum()),
+            "verified_correct": int((verification == 1).sum())}
+  # Downstream tools (the detection benchmark) read which labels these are.
+  data.atomic_write_text(os.path.join(out_dir, MANIFESTS_RECORD),
+                         json.dumps(record, indent=2) + "\n")
+  return record
 
 
 def main(_):
