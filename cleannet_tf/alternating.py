@@ -53,7 +53,9 @@ FINAL_ARTEFACTS = {
     "step3-weights": WEIGHTS_FILE,
     "step3-classifier": SUMMARY_FILE,
 }
-WEIGHTINGS = ("soft", "hard")
+# w_soft / w_hard (Eq. 12-13), or rescaled to a mean of 1 in every class
+# (``detection.balance_per_class``).
+WEIGHTINGS = ("soft", "hard", "soft_balanced", "hard_balanced")
 HISTOGRAM_BINS = 10
 
 
@@ -162,8 +164,8 @@ def score_rows(model: keras.Model, info: data.FeatureSetInfo,
   features (rejected at extraction) get weight 0; training skips them anyway.
 
   Returns:
-    {"score" float32 [N], "w_soft" float32 [N], "w_hard" float32 [N],
-    "scored" bool [N], "delta" float32 []}.
+    {"score" float32 [N], "w_soft", "w_hard", "w_soft_balanced",
+    "w_hard_balanced" (float32 [N] each), "scored" bool [N], "delta" float32 []}.
   """
   keys = _row_keys(source)
   order = np.argsort(keys)
@@ -172,6 +174,7 @@ def score_rows(model: keras.Model, info: data.FeatureSetInfo,
   delta = np.float32(model.delta.numpy())
   score = np.zeros(source.num_rows, np.float32)
   scored = np.zeros(source.num_rows, bool)
+  class_ids = np.zeros(source.num_rows, np.int64)
   for batch in data.feature_dataset(info).batch(batch_size).as_numpy_iterator():
     batch_keys = batch["key"].astype(bytes)
     at = np.minimum(np.searchsorted(sorted_keys, batch_keys), len(keys) - 1)
@@ -182,9 +185,12 @@ def score_rows(model: keras.Model, info: data.FeatureSetInfo,
     rows = order[at]
     score[rows] = scorer.score(batch["features"], batch["class_id"], batch_size)
     scored[rows] = True
+    class_ids[rows] = batch["class_id"]
   w_soft, w_hard = detection.sample_weights(score, delta)
-  return {"score": score, "w_soft": np.where(scored, w_soft, 0),
-          "w_hard": np.where(scored, w_hard, 0), "scored": scored, "delta": delta}
+  weights = {"w_soft": np.where(scored, w_soft, 0), "w_hard": np.where(scored, w_hard, 0)}
+  for name in ("w_soft", "w_hard"):
+    weights[f"{name}_balanced"] = detection.balance_per_class(weights[name], class_ids)
+  return {"score": score, **weights, "scored": scored, "delta": delta}
 
 
 def score_with_cleannet(cleannet_dir: str, info: data.FeatureSetInfo,

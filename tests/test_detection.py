@@ -30,6 +30,16 @@ def test_sample_weights():
   np.testing.assert_array_equal(w_hard, [0, 0, 1, 1])
 
 
+def test_balance_per_class_gives_every_class_mean_weight_one():
+  weights = np.array([0.1, 0.3, 0.0, 0.8, 0.4, 0.0, 0.0], np.float32)
+  class_ids = np.array([0, 0, 0, 1, 1, 2, 2])
+  balanced = detection.balance_per_class(weights, class_ids)
+  # Class 0: total 0.4 over 3 rows -> x7.5; class 1: 1.2 over 2 -> x5/3;
+  # class 2 has no weight and keeps 0.
+  np.testing.assert_allclose(balanced, [0.75, 2.25, 0.0, 4 / 3, 2 / 3, 0.0, 0.0], rtol=1e-6)
+  assert balanced.dtype == np.float32
+
+
 def test_detection_metrics_hand_computed():
   m = detection.detection_metrics(CLASS_IDS, TRUTH, SCORES, 0.5)
   # delta 0.5 -> decisions class 0: [1, 0, 1, 0] vs truth [1, 1, 0, 0]:
