@@ -14,19 +14,24 @@ classifier four times with the same budget (--finetune_steps at
 * clean: the true CIFAR-10 labels, weights 1 (the upper bound).
 
 Each variant's test top-1 is written to <out>/classification/results.json
-and results.md. Every stage resumes or is skipped when a previous run
-finished it.
+and results.md, and as a bar chart to <out>/classification/top1.png (with
+matplotlib); with --benchmarks_md, the file's section between its
+``classification`` markers is regenerated. Every stage resumes or is skipped
+when a previous run finished it.
 """
 
 import csv
 import dataclasses
 import json
 import os
+import shlex
+import sys
 
 from absl import flags
 import numpy as np
 
-from tools import common, prepare_cifar10n  # pylint: disable=unused-import (its flags)
+from tools import common, markdown_sections
+from tools import prepare_cifar10n  # pylint: disable=unused-import (its flags)
 from cleannet_tf import (alternating, classifier, data, detection, images, training)
 from cleannet_tf.errors import InputError
 
@@ -36,9 +41,17 @@ flags.DEFINE_float("finetune_learning_rate", 0.01,
 flags.DEFINE_integer("finetune_batch_size", 128, "Fine-tuning batch size.")
 flags.DEFINE_integer("cleannet_steps", 10_000, "CleanNet training steps.")
 flags.DEFINE_float("cleannet_learning_rate", 0.01, "CleanNet learning rate.")
+flags.DEFINE_string("benchmarks_md", "",
+                    "Markdown file whose classification section is regenerated; "
+                    "empty: none.")
 FLAGS = flags.FLAGS
 
 VARIANTS = ("none", "w_hard", "w_soft", "clean")
+SECTION = "classification"
+NOISY_COLUMNS = ("worse_label", "aggre_label")
+ROWS = {"step1": ("noisy (step 1 only)", "1"), "none": ("noisy", "1"),
+        "w_hard": ("noisy", "w_hard (Eq. 13)"), "w_soft": ("noisy", "w_soft (Eq. 12)"),
+        "clean": ("clean", "1")}
 
 
 def _clean_class_ids(data_dir, train, class_names):
@@ -54,18 +67,105 @@ def _clean_class_ids(data_dir, train, class_names):
   return np.array([ids[row["clean_label"]] for row in rows], np.int64)
 
 
+def _noisy_label_column(data_dir, train, class_names):
+  """The CIFAR-10N column that the manifest's labels are, or None."""
+  with open(os.path.join(data_dir, "train.csv"), newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  names = np.asarray(class_names)[train.class_ids]
+  for column in NOISY_COLUMNS:
+    if rows and column in rows[0] and np.array_equal(names, [row[column] for row in rows]):
+      return column
+  return None
+
+
+def _per_class_weights(class_names, class_ids, truth, w_soft, scored):
+  """Per noisy class: rows, noise rate, mean w_soft of all, correct and wrong rows."""
+  report = {}
+  for class_id, name in enumerate(class_names):
+    rows = scored & (class_ids == class_id)
+    correct, wrong = rows & (truth == 1), rows & (truth == 0)
+    report[name] = {
+        "rows": int(rows.sum()), "noise_rate": float(1 - truth[rows].mean()) if rows.any()
+        else 0.0,
+        **{key: float(w_soft[mask].mean()) if mask.any() else None
+           for key, mask in [("mean_w_soft", rows), ("mean_w_soft_correct", correct),
+                             ("mean_w_soft_wrong", wrong)]}}
+  return report
+
+
 def _markdown(results):
   lines = ["| training labels | weights | test top-1 |", "|---|---|---|"]
-  names = {"step1": ("noisy (step 1 only)", "1"), "none": ("noisy", "1"),
-           "w_hard": ("noisy", "w_hard (Eq. 13)"), "w_soft": ("noisy", "w_soft (Eq. 12)"),
-           "clean": ("clean", "1")}
-  for name, (labels, weights) in names.items():
+  for name, (labels, weights) in ROWS.items():
     lines.append(f"| {labels} | {weights} | {results['top1'][name]:.4f} |")
   return "\n".join(lines) + "\n"
 
 
-def main(_):
-  out = FLAGS.out
+def _weight(value):
+  return "-" if value is None else f"{value:.2f}"
+
+
+def markdown(result):
+  """The BENCHMARKS.md section of a classification result (with its "command")."""
+  finetune, step1 = result["finetune"], result["step1"]
+  label = f"`{result['label_column']}`" if result["label_column"] else "the noisy labels"
+  lines = [
+      "## Classification with CleanNet's sample weights (CIFAR-10N, Table 3 analog)",
+      f"Command: `{result['command']}` (seed {result['seed']}).",
+      f"Noisy labels {label} ({result['noise_rate']:.1%} noise), "
+      f"{result['num_verified']} verified images ({result['num_verified_per_class']:g} "
+      f"per class). Step 1: the small ResNet trained {step1['epochs']:.3g} epochs "
+      f"({step1['steps']} steps of batch {step1['batch_size']}) on the noisy labels. "
+      f"Every variant then fine-tunes that same checkpoint for {finetune['steps']} steps "
+      f"(batch {finetune['batch_size']}, lr {finetune['learning_rate']:g} cosine, same "
+      f"seed, same image order and augmentation); CleanNet (paper defaults, "
+      f"{result['cleannet_steps']:,} steps) gives the weights. Test top-1 on the "
+      f"{step1['test_images']:,} clean test images:", "",
+      _markdown(result).rstrip("\n"), "",
+      "CleanNet's average per-class detection error: "
+      f"{result['cleannet_validation_error']:.1%} on verified validation rows, "
+      f"{result['cleannet_all_rows_error']:.1%} on all training rows against the clean "
+      f"labels (threshold {result['delta']:.3f}). Its weights per noisy class (mean over "
+      "all rows, rows whose label is correct, rows whose label is wrong):", "",
+      "| class | rows | noise | mean w_soft | w_soft, correct | w_soft, wrong |",
+      "|---|---|---|---|---|---|"]
+  lines += [f"| {name} | {row['rows']} | {row['noise_rate']:.1%} | "
+            f"{_weight(row['mean_w_soft'])} | {_weight(row['mean_w_soft_correct'])} | "
+            f"{_weight(row['mean_w_soft_wrong'])} |"
+            for name, row in result["per_class"].items()]
+  lines += ["", "Mean weight over all scored rows: w_soft "
+            f"{result['weights']['w_soft']['mean_weight']:.3f}, w_hard "
+            f"{result['weights']['w_hard']['mean_weight']:.3f}."]
+  return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+  """Test top-1 of each variant as a bar chart PNG (needs matplotlib)."""
+  plt = markdown_sections.pyplot("classification plot")
+  if plt is None:
+    return None
+  names = [f"{labels}\n{weights}" for labels, weights in ROWS.values()]
+  values = [100 * result["top1"][name] for name in ROWS]
+  figure, axes = plt.subplots(figsize=(7, 3.5))
+  bars = axes.bar(names, values, color=["0.6", "C0", "C1", "C2", "C3"])
+  axes.bar_label(bars, fmt="%.2f")
+  axes.set_ylabel("test top-1 (%)")
+  axes.set_ylim(max(0.0, min(values) - 10), min(100.0, max(values) + 5))
+  axes.set_title("CIFAR-10N: fine-tuning with CleanNet's weights")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+  return path
+
+
+def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
+             finetune_batch_size=128, cleannet_steps=10_000, cleannet_learning_rate=0.01,
+             seed=0):
+  """Steps 2-3 and the four fine-tunings in <out>/classification; the result dict.
+
+  `out` is a folder of tools.cifar10n_features (its step 1, features and
+  reference sets); `data_dir` the CIFAR-10N folder it was made from. Results
+  are also written to <out>/classification/results.json and results.md.
+  """
   work = os.path.join(out, "classification")
   step1_dir = os.path.join(out, "step1")
   needed = [os.path.join(step1_dir, alternating.SUMMARY_FILE),
@@ -74,23 +174,23 @@ def main(_):
   missing = [path for path in needed if not os.path.exists(path)]
   if missing:
     raise InputError(f"{missing[0]}: missing; run tools.cifar10n_features "
-                     f"--data={FLAGS.data} --out={out} first")
+                     f"--data={data_dir} --out={out} first")
   class_names = data.read_class_names(os.path.join(out, "classes.txt"))
   train = images.read_manifest(os.path.join(out, "train.csv"), class_names)
   test = images.read_manifest(os.path.join(out, "test.csv"), class_names)
-  clean_ids = _clean_class_ids(FLAGS.data, train, class_names)
+  clean_ids = _clean_class_ids(data_dir, train, class_names)
   info = data.read_info(os.path.join(out, "features", "all"))
-  steps = FLAGS.cleannet_steps
+  steps = cleannet_steps
   config = alternating.AlternatingConfig(
       finetune=classifier.ClassifierConfig(
-          image_size=(32, 32), steps=FLAGS.finetune_steps,
-          global_batch_size=FLAGS.finetune_batch_size,
-          learning_rate=FLAGS.finetune_learning_rate, seed=FLAGS.seed,
+          image_size=(32, 32), steps=finetune_steps,
+          global_batch_size=finetune_batch_size,
+          learning_rate=finetune_learning_rate, seed=seed,
           init_classifier=os.path.join(step1_dir, classifier.CLASSIFIER_FILE)),
       cleannet=training.TrainConfig(
-          steps=steps, learning_rate=FLAGS.cleannet_learning_rate,
+          steps=steps, learning_rate=cleannet_learning_rate,
           lr_decay_steps=max(1, steps // 2), eval_every=max(1, steps // 10),
-          checkpoint_every=max(1, steps // 10), seed=FLAGS.seed))
+          checkpoint_every=max(1, steps // 10), seed=seed))
 
   cleannet_dir = os.path.join(work, "cleannet")
   if not alternating.is_finished(cleannet_dir, "step2-cleannet"):
@@ -108,8 +208,8 @@ def main(_):
   sources = {"none": (train, None), "w_hard": (train, weights["w_hard"]),
              "w_soft": (train, weights["w_soft"]),
              "clean": (dataclasses.replace(train, class_ids=clean_ids), None)}
-  top1 = {"step1": alternating.read_json(
-      os.path.join(step1_dir, alternating.SUMMARY_FILE))["test_top1"]}
+  step1 = alternating.read_json(os.path.join(step1_dir, alternating.SUMMARY_FILE))
+  top1 = {"step1": step1["test_top1"]}
   for name in VARIANTS:
     directory = os.path.join(work, f"finetune-{name}")
     if not os.path.exists(os.path.join(directory, alternating.SUMMARY_FILE)):
@@ -134,16 +234,40 @@ def main(_):
       "delta": float(weights["delta"]),
       "weights": {name: alternating.weight_stats(weights[name], scored)
                   for name in ("w_soft", "w_hard")},
-      "finetune": {"steps": FLAGS.finetune_steps,
-                   "learning_rate": FLAGS.finetune_learning_rate,
-                   "batch_size": FLAGS.finetune_batch_size},
+      "finetune": {"steps": finetune_steps,
+                   "learning_rate": finetune_learning_rate,
+                   "batch_size": finetune_batch_size},
       "cleannet_steps": steps,
+      "seed": seed,
+      "label_column": _noisy_label_column(data_dir, train, class_names),
+      "num_verified": info.num_verified,
+      "num_verified_per_class": info.num_verified / len(class_names),
+      "step1": {"steps": step1["steps"],
+                "batch_size": step1["config"]["global_batch_size"],
+                "epochs": step1["steps"] * step1["config"]["global_batch_size"]
+                          / step1["train_rows"],
+                "test_images": step1.get("test_images", 0)},
+      "per_class": _per_class_weights(class_names, train.class_ids, truth,
+                                      weights["w_soft"], scored),
   }
   data.atomic_write_text(os.path.join(work, "results.json"),
                          json.dumps(results, indent=2) + "\n")
   data.atomic_write_text(os.path.join(work, "results.md"), _markdown(results))
+  return results
+
+
+def main(_):
+  results = classify(FLAGS.data, FLAGS.out, finetune_steps=FLAGS.finetune_steps,
+                     finetune_learning_rate=FLAGS.finetune_learning_rate,
+                     finetune_batch_size=FLAGS.finetune_batch_size,
+                     cleannet_steps=FLAGS.cleannet_steps,
+                     cleannet_learning_rate=FLAGS.cleannet_learning_rate, seed=FLAGS.seed)
+  results["command"] = "python -m tools.cifar10n_classification " + shlex.join(sys.argv[1:])
   print(json.dumps(results, indent=2))
   print(_markdown(results))
+  plot(results, os.path.join(FLAGS.out, "classification", "top1.png"))
+  if FLAGS.benchmarks_md:
+    markdown_sections.update_file(FLAGS.benchmarks_md, SECTION, markdown(results))
 
 
 def run():
