@@ -167,6 +167,8 @@ def plot(result, path):
     axes.plot(batches, [row[key] for row in result["rows"]], marker="o", label=label)
   axes.set_xscale("log")
   axes.set_yscale("log")
+  axes.set_xticks(batches, [str(batch) for batch in batches])
+  axes.set_xticks([], minor=True)
   axes.set_xlabel("batch size (rows)")
   axes.set_ylabel("rows scored per second")
   axes.legend()

@@ -160,7 +160,8 @@ def plot(result, path):
   axes.set_xticks(range(len(groups)), groups)
   axes.set_ylabel("average per-class error (%)")
   axes.set_title("Digits demo: rows without verification labels")
-  axes.legend()
+  axes.set_ylim(0, 1.3 * axes.get_ylim()[1])  # room for the legend above the bars
+  axes.legend(loc="upper right", ncols=2)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
