@@ -1,9 +1,11 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv first.
+# `make benchmarks DATA=...` regenerates every number in BENCHMARKS.md (hours).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DATA ?= ../shared/data/cifar10n
 
-.PHONY: install demo test clean
+.PHONY: install demo test benchmarks clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +20,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The `benchmark` extra: cleanlab (a detection baseline) and matplotlib (figures).
+$(VENV)/.benchmark-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,benchmark]'
+	touch $@
+
+benchmarks: install $(VENV)/.benchmark-installed
+	$(PY) -m tools.benchmarks --data=$(DATA)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

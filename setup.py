@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7"],
-        # Only tools/benchmark_detection.py uses these; nothing else imports them.
+        # Only the benchmarks use these (cleanlab: a detection baseline;
+        # matplotlib: BENCHMARKS.md's figures); without them they are skipped.
         "benchmark": ["cleanlab>=2.6,<3", "matplotlib>=3.7,<4"],
     },
     entry_points={
@@ -43,6 +44,7 @@ setup(
             "cleannet-train-alternating=tools.train_alternating:run",
             "cleannet-review=tools.review_report:run",
             "cleannet-benchmark-detection=tools.benchmark_detection:run",
+            "cleannet-benchmarks=tools.benchmarks:run",
             "cleannet-export=tools.export_savedmodel:run",
             "cleannet-serving-client=tools.serving_client:run",
         ],

@@ -1,0 +1,206 @@
+"""tools.benchmarks, the one command behind BENCHMARKS.md, and its Markdown sections."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tools import markdown_sections
+
+# Tiny settings for every stage: seconds each, not hours.
+TINY = ["--demo_args=--steps=10 --eval_every=10",
+        "--export_args=--feature_dim=8 --num_classes=3 --batch_sizes=1,4 --seconds=0.02 "
+        "--repeats=1"]
+TINY_CIFAR = ["--label_columns=worse_label", "--step1_epochs=2", "--cleannet_steps=10",
+              "--finetune_steps=2",
+              "--features_args=--batch_size=8 --num_references=2 --extract_batch_size=16 "
+              "--verified_per_class=4",
+              "--classification_args=--finetune_batch_size=8"]
+OUTSIDE = "# Hand-written title\n\nProse outside the markers.\n"
+
+
+def run_benchmarks(*flags):
+  return subprocess.run([sys.executable, "-m", "tools.benchmarks", *flags],
+                        capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(result):
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1, result.stderr[-3000:]
+  return lines[0]
+
+
+def outside_sections(text):
+  """The non-blank lines outside every generated section (markers included).
+
+  New sections come with blank lines around them; nothing else may change.
+  """
+  kept, inside = [], False
+  for line in text.splitlines(keepends=True):
+    if line.startswith("<!-- ") and line.rstrip().endswith(":begin -->"):
+      inside = True
+    elif line.startswith("<!-- ") and line.rstrip().endswith(":end -->"):
+      inside = False
+    elif not inside and line.strip():
+      kept.append(line)
+  return "".join(kept)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "\n<!-- s:begin -->\nnew\n<!-- s:end -->\n"),
+    ("intro", "intro\n\n<!-- s:begin -->\nnew\n<!-- s:end -->\n"),
+    ("intro\n", "intro\n\n<!-- s:begin -->\nnew\n<!-- s:end -->\n"),
+    ("a\n<!-- s:begin -->\nold\nlines\n<!-- s:end -->\nb\n",
+     "a\n<!-- s:begin -->\nnew\n<!-- s:end -->\nb\n"),
+    # Another section whose name starts the same is not this one.
+    ("<!-- s-x:begin -->\nkeep\n<!-- s-x:end -->\n",
+     "<!-- s-x:begin -->\nkeep\n<!-- s-x:end -->\n\n<!-- s:begin -->\nnew\n<!-- s:end -->\n"),
+    # An end marker before the begin marker does not count.
+    ("<!-- s:end -->\nx\n", "<!-- s:end -->\nx\n\n<!-- s:begin -->\nnew\n<!-- s:end -->\n"),
+])
+def test_replace_section(text, expected):
+  assert markdown_sections.replace_section(text, "s", "new\n") == expected
+  # A section without a final newline gets one: the end marker keeps its line.
+  assert markdown_sections.replace_section(text, "s", "new") == expected
+  assert markdown_sections.extract_section(expected, "s") == "new\n"
+
+
+def test_replace_section_twice_is_idempotent_and_keeps_the_rest():
+  text = "top\n<!-- a:begin -->\n1\n<!-- a:end -->\nmiddle\n<!-- b:begin -->\n2\n<!-- b:end -->\n"
+  once = markdown_sections.replace_section(text, "b", "two\n")
+  assert once == text.replace("\n2\n", "\ntwo\n")
+  assert markdown_sections.replace_section(once, "b", "two\n") == once
+  assert markdown_sections.extract_section(once, "a") == "1\n"
+  assert markdown_sections.extract_section(once, "missing") is None
+
+
+def test_update_file_creates_then_replaces(tmp_path):
+  path = str(tmp_path / "B.md")
+  markdown_sections.update_file(path, "s", "one\n")
+  markdown_sections.update_file(path, "s", "two\n")
+  with open(path, encoding="utf-8") as f:
+    assert f.read() == "\n<!-- s:begin -->\ntwo\n<!-- s:end -->\n"
+  assert os.listdir(tmp_path) == ["B.md"]  # no temporary file left
+
+
+def test_demo_and_export_stages_write_their_sections_and_resume(tmp_path):
+  md, out = tmp_path / "BENCHMARKS.md", tmp_path / "out"
+  md.write_text(OUTSIDE + "\n<!-- export:begin -->\nstale\n<!-- export:end -->\n\nEnd.\n",
+                encoding="utf-8")
+  before = outside_sections(md.read_text(encoding="utf-8"))
+  flags = ["--stages=demo,export", f"--out={out}", f"--benchmarks_md={md}", "--seed=3",
+           *TINY]
+  first = run_benchmarks(*flags)
+  assert first.returncode == 0, first.stderr[-3000:]
+  text = md.read_text(encoding="utf-8")
+  assert outside_sections(text) == before
+  sections = {name: markdown_sections.extract_section(text, name)
+              for name in ("header", "demo", "demo-paper", "export", "cost")}
+  assert "python -m tools.benchmarks" in sections["header"]
+  assert "--seed=3" in sections["header"]
+  assert "`python -m tools.demo " in sections["demo"] and "seed 3" in sections["demo"]
+  assert "| all classes | 1705 |" in sections["demo"]
+  assert "--pseudo_label_margin=0.1" in sections["demo-paper"]
+  assert "stale" not in sections["export"] and "| 4 |" in sections["export"]
+  assert all(f"| {job} |" in sections["cost"] for job in ("demo", "demo-paper", "export"))
+  # Sections come in the stages' order, header first; the hand-written text stays.
+  assert text.startswith("<!-- header:begin -->")
+  assert text.index("<!-- demo:end -->") < text.index("<!-- demo-paper:begin -->")
+  for job in ("demo", "demo-paper", "export"):
+    record = json.loads((out / f"{job}.json").read_text(encoding="utf-8"))
+    assert record["seconds"] > 0 and record["peak_rss_mib"] > 50
+    assert (out / f"{job}.log").exists()
+  figures = {"demo.png", "export.png"}
+  if os.path.exists(tmp_path / "docs" / "benchmarks"):  # with matplotlib
+    assert set(os.listdir(tmp_path / "docs" / "benchmarks")) == figures
+    assert "](docs/benchmarks/export.png)" in sections["export"]
+
+  # A rerun skips the finished stages and writes the same sections.
+  stamp = os.path.getmtime(out / "demo.json")
+  again = run_benchmarks(*flags)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("skipped") == 3
+  assert os.path.getmtime(out / "demo.json") == stamp
+  assert md.read_text(encoding="utf-8") == text
+
+  # A finished stage of another command is not silently reused.
+  error = one_line_error(run_benchmarks(*flags[:-2], "--demo_args=--steps=11", TINY[1]))
+  assert "demo.json" in error and "another command" in error
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--stages=demo,bogus"], "error: --stages: unknown stage 'bogus'"),
+    (["--stages=features"], "error: --data:"),
+    (["--stages=demo", "--demo_args=--seed=2"], "error: --demo_args: --seed is set by"),
+    (["--stages=classification", "--data={data}", "--label_columns=aggre_label"],
+     "error: --classification_label:"),
+])
+def test_bad_input_is_one_line(tmp_path, flags, expected):
+  flags = [flag.format(data=tmp_path) for flag in flags]
+  assert one_line_error(run_benchmarks(*flags, f"--out={tmp_path / 'out'}",
+                                       f"--benchmarks_md={tmp_path / 'B.md'}")
+                        ).startswith(expected)
+
+
+def test_failing_stage_names_its_log(tmp_path):
+  out = tmp_path / "out"
+  error = one_line_error(run_benchmarks("--stages=export", f"--out={out}",
+                                        f"--benchmarks_md={tmp_path / 'B.md'}",
+                                        "--export_args=--batch_sizes=x"))
+  assert error == f"error: stage export failed (exit status 1); see {out / 'export.log'}"
+  assert "batch_sizes" in (out / "export.log").read_text(encoding="utf-8")
+  assert not (out / "export.json").exists()
+
+
+def write_fake_cifar10n(folder, n_train=36, n_test=12, seed=0):
+  """A CIFAR-10N-shaped folder: 3 classes of 32x32 PNGs told apart by brightness."""
+  classes = ["cat", "dog", "ship"]
+  rng = np.random.default_rng(seed)
+  folder.mkdir()
+  (folder / "classes.txt").write_text("\n".join(classes) + "\n", encoding="utf-8")
+  for split, n in [("train", n_train), ("test", n_test)]:
+    lines = ["path,index,clean_label,aggre_label,worse_label" if split == "train"
+             else "path,label"]
+    for i in range(n):
+      true = i % 3
+      pixels = np.clip(rng.normal(40 + 85 * true, 15, (32, 32, 3)), 0, 255).astype(np.uint8)
+      path = f"{split}/{classes[true]}/{i:04d}.png"
+      (folder / split / classes[true]).mkdir(parents=True, exist_ok=True)
+      (folder / path).write_bytes(tf.io.encode_png(pixels).numpy())
+      if split == "train":
+        worse = classes[(true + 1) % 3] if i % 4 == 3 else classes[true]
+        aggre = classes[(true + 2) % 3] if i % 9 == 8 else classes[true]
+        lines.append(f"{path},{i},{classes[true]},{aggre},{worse}")
+      else:
+        lines.append(f"{path},{classes[true]}")
+    (folder / f"{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
+  data, md, out = tmp_path / "cifar10n", tmp_path / "BENCHMARKS.md", tmp_path / "out"
+  write_fake_cifar10n(data)
+  result = run_benchmarks("--stages=features,classification", f"--data={data}",
+                          f"--out={out}", f"--benchmarks_md={md}", *TINY_CIFAR)
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = md.read_text(encoding="utf-8")
+  features = markdown_sections.extract_section(text, "features-worse_label")
+  assert "`python -m tools.cifar10n_features " in features
+  assert "25.00% of the 36 training images mislabeled" in features
+  assert "| step 1: training, 2 epochs |" in features
+  classification = markdown_sections.extract_section(text, "classification")
+  assert "| noisy (step 1 only) | 1 |" in classification
+  assert "| clean | 1 |" in classification
+  assert "| ship | 12 |" in classification
+  cost = markdown_sections.extract_section(text, "cost")
+  assert "| features-worse_label |" in cost and "| classification |" in cost
+  # Detection needs its features run; a stage list without it is refused.
+  error = one_line_error(run_benchmarks("--stages=detection", f"--data={data}",
+                                        f"--out={tmp_path / 'other'}",
+                                        f"--benchmarks_md={md}", *TINY_CIFAR))
+  assert "needs features-worse_label" in error
