@@ -80,6 +80,9 @@ flags.DEFINE_integer("cleannet_steps", None,
 flags.DEFINE_list("transfer_n", ["0", "3", "5", "7"],
                   "tools.benchmark_detection --transfer_n.")
 flags.DEFINE_integer("transfer_splits", 3, "tools.benchmark_detection --transfer_splits.")
+flags.DEFINE_list("ablations", [],
+                  "tools.benchmark_detection --ablations (CleanNet variants, or 'all'); "
+                  "empty: none.")
 flags.DEFINE_integer("finetune_steps", None,
                      "tools.cifar10n_classification --finetune_steps; unset: its default.")
 for _stage in STAGES:
@@ -175,7 +178,8 @@ def plan(out, data_dir):
   features_extra = _extra_args("features", {"data", "out", "label_column", "epochs", "seed"})
   detection_extra = _extra_args("detection", {
       "run_dir", "clean_labels", "out", "benchmarks_md", "cleannet_steps", "transfer_n",
-      "transfer_splits", "seed"})
+      "transfer_splits", "seed", "ablations"})
+  ablations = [f"--ablations={','.join(FLAGS.ablations)}"] if FLAGS.ablations else []
   cleannet_steps = ([] if FLAGS.cleannet_steps is None
                     else [f"--cleannet_steps={FLAGS.cleannet_steps}"])
   for label in FLAGS.label_columns:
@@ -192,7 +196,7 @@ def plan(out, data_dir):
         name, "detection", "tools.benchmark_detection",
         [f"--run_dir={features}", f"--clean_labels={os.path.join(data_dir, 'train.csv')}",
          f"--out={path(name)}", *cleannet_steps, f"--transfer_n={','.join(FLAGS.transfer_n)}",
-         f"--transfer_splits={FLAGS.transfer_splits}", f"--seed={FLAGS.seed}",
+         f"--transfer_splits={FLAGS.transfer_splits}", *ablations, f"--seed={FLAGS.seed}",
          *detection_extra, f"--benchmarks_md={os.path.join(sections, name + '.md')}"],
         path(name), result_file=path(name, "detection_benchmark.json"),
         section_file=os.path.join(sections, name + ".md"),
@@ -226,7 +230,7 @@ def benchmarks_command():
   args = []
   for name in ("data", "out", "seed", "label_columns", "classification_label",
                "step1_epochs", "cleannet_steps", "transfer_n", "transfer_splits",
-               "finetune_steps", *(f"{stage}_args" for stage in STAGES)):
+               "ablations", "finetune_steps", *(f"{stage}_args" for stage in STAGES)):
     flag = FLAGS[name]
     if name in ("data", "seed") or flag.value != flag.default:
       if flag.value is not None:
