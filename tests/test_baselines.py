@@ -107,15 +107,36 @@ def test_cleanlab_flags_rows_or_is_skipped():
   assert _error(problem, truth, labelled, scores) < 0.3
 
 
-def test_replace_section_changes_only_the_marked_part():
-  begin, end = benchmark_detection.BEGIN, benchmark_detection.END
-  text = f"# Title\nbefore\n{begin}\nold table\n{end}\nafter\n"
-  replaced = benchmark_detection.replace_section(text, "new table\n")
-  assert replaced == f"# Title\nbefore\n{begin}\nnew table\n{end}\nafter\n"
-  assert benchmark_detection.replace_section(replaced, "new table\n") == replaced
+def _detection_result():
+  method = {"val_error": 0.2, "error": 0.25, "delta": 0.1, "seconds": 1.0,
+            "peak_rss_growth_mib": 3.0}
+  return {
+      "command": "python -m tools.benchmark_detection --run_dir=r", "seed": 0,
+      "cleannet_steps": 10, "features": "r/features/all", "num_rows": 100,
+      "class_names": ["a", "b"], "noise_rate": 0.4, "transfer_splits": 2,
+      "full": {"methods": {"naive": method, "CleanNet": method}, "cleanlab_installed": True,
+               "supervised_fallback_classes": [], "num_train_verified": 8,
+               "num_val_verified": 2, "num_evaluated": 90},
+      "transfer": {0: {"mean": {"naive": 0.4, "CleanNet": 0.25},
+                       "std": {"naive": 0.0, "CleanNet": 0.0}}},
+      "ablation_transfer_n": 1,
+      "ablation": {"defaults (this run's flags)": {"overrides": {}, "val_error": 0.2,
+                                                   "error": 0.25, "transfer": [0.3, 0.5]},
+                   "paper": {"overrides": {"gamma": 0.1}, "val_error": 0.3, "error": 0.35,
+                             "transfer": [0.6, 0.6]}}}
 
 
-def test_replace_section_appends_markers_when_missing():
-  replaced = benchmark_detection.replace_section("# Title\nbody", "table\n")
-  begin, end = benchmark_detection.BEGIN, benchmark_detection.END
-  assert replaced == f"# Title\nbody\n\n{begin}\ntable\n{end}\n"
+def test_detection_markdown_has_every_table():
+  text = benchmark_detection.markdown(_detection_result())
+  assert "| naive | 20.00% | 25.00% | 0.1 | 1.0 | 3 MiB |" in text
+  assert "| 0 | 40.00% ± 0.00% | 25.00% ± 0.00% |" in text
+  assert "| paper | gamma=0.1 | 30.00% | 35.00% | 60.00% ± 0.00% |" in text
+  assert "| defaults (this run's flags) | — | 20.00% | 25.00% | 40.00% ± 10.00% |" in text
+
+
+def test_detection_section_is_named_after_the_label_column(tmp_path):
+  (tmp_path / "manifests.json").write_text('{"label_column": "aggre_label"}')
+  assert benchmark_detection.section_name(str(tmp_path)) == "detection-aggre_label"
+  assert benchmark_detection.section_name(str(tmp_path), "mine") == "mine"
+  (tmp_path / "manifests.json").unlink()
+  assert benchmark_detection.section_name(str(tmp_path)) == "detection"

@@ -32,7 +32,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from tools import cleannet_flags, common
+from tools import cleannet_flags, common, markdown_sections
 from cleannet_tf import baselines, classifier, data, detection, images, references, scoring
 from cleannet_tf import training
 from cleannet_tf.errors import InputError
@@ -67,7 +67,6 @@ flags.FLAGS.set_default("eval_every", 1000)
 flags.FLAGS.set_default("lr_decay_steps", 4000)
 FLAGS = flags.FLAGS
 
-BEGIN, END = "<!-- detection:begin -->", "<!-- detection:end -->"
 IMAGE_SIZE = (32, 32)
 
 PROTOCOL = """\
@@ -323,14 +322,14 @@ def _slug(name):
   return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def section_name():
-  """--section, else detection-<label column> of the run's manifests, else detection."""
-  if FLAGS.section:
-    return FLAGS.section
+def section_name(run_dir, section=None):
+  """`section`, else detection-<label column> of the run's manifests, else detection."""
+  if section:
+    return section
   # Written by tools.prepare_cifar10n (MANIFESTS_RECORD); importing that tool
   # here would redefine its --out and --seed flags.
-  record = os.path.join(FLAGS.run_dir or "", "manifests.json")
-  if FLAGS.run_dir and os.path.exists(record):
+  record = os.path.join(run_dir or "", "manifests.json")
+  if run_dir and os.path.exists(record):
     with open(record, encoding="utf-8") as f:
       return "detection-" + json.load(f)["label_column"]
   return "detection"
@@ -392,28 +391,11 @@ def markdown(result):
   return "\n".join(lines) + "\n"
 
 
-def replace_section(text, section):
-  """`text` with the part between BEGIN and END replaced by `section`.
-
-  The markers are appended at the end when missing; nothing outside them
-  changes.
-  """
-  start, stop = text.find(BEGIN), text.find(END)
-  if start < 0 or stop < start:
-    separator = "" if not text or text.endswith("\n") else "\n"
-    return f"{text}{separator}\n{BEGIN}\n{section}{END}\n"
-  return f"{text[:start + len(BEGIN)]}\n{section}{text[stop:]}"
-
-
 def plot(transfer_report, path):
   """Fig. 5 analog as a PNG; skipped without matplotlib (a benchmark-only extra)."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning("matplotlib is not installed: no transfer plot")
+  pyplot = markdown_sections.pyplot("transfer plot")
+  if pyplot is None:
     return
-  matplotlib.use("Agg")
-  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
   ns = sorted(transfer_report)
   names = list(transfer_report[ns[0]]["mean"])
   figure, axes = pyplot.subplots(figsize=(6, 4))
@@ -462,11 +444,8 @@ def main(_):
   if result["transfer"]:
     plot(result["transfer"], os.path.join(out, "transfer.png"))
   if FLAGS.benchmarks_md:
-    text = ""
-    if os.path.exists(FLAGS.benchmarks_md):
-      with open(FLAGS.benchmarks_md, encoding="utf-8") as f:
-        text = f.read()
-    data.atomic_write_text(FLAGS.benchmarks_md, replace_section(text, markdown(result)))
+    markdown_sections.update_file(FLAGS.benchmarks_md, section_name(FLAGS.run_dir, FLAGS.section),
+                                  markdown(result))
   print(markdown(result))
 
 
