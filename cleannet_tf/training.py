@@ -33,6 +33,7 @@ class TrainConfig:
   steps: int = 60_000
   global_batch_size: int = 64
   unverified_fraction: float = 0.5
+  optimizer: str = "sgd"  # "sgd" (with momentum, as the release) or "adam"
   learning_rate: float = 0.01
   momentum: float = 0.9
   lr_decay_steps: int = 30_000
@@ -289,7 +290,12 @@ class Trainer:
       self.model.set_reference_sets(references)
       schedule = keras.optimizers.schedules.ExponentialDecay(
           config.learning_rate, config.lr_decay_steps, config.lr_decay_rate, staircase=True)
-      self.optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+      if config.optimizer == "adam":
+        self.optimizer = keras.optimizers.Adam(schedule)
+      elif config.optimizer == "sgd":
+        self.optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
+      else:
+        raise InputError(f"optimizer {config.optimizer!r} is not one of sgd, adam")
       # Built here, in the strategy's scope: building lazily inside the first
       # distributed step fails in replica context.
       self.optimizer.build(self.model.trainable_variables)

@@ -76,13 +76,14 @@ def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path, two_c
                              config()).model)[0])
 
 
-def test_resume_matches_an_uninterrupted_run(feature_set, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_matches_an_uninterrupted_run(feature_set, tmp_path, optimizer):
   refs = reference_sets(feature_set)
 
   def run(directory, steps):
     keras.utils.set_random_seed(0)
     trainer = training.Trainer(MODEL_CONFIG, refs, feature_set, str(directory),
-                               config(steps=steps))
+                               config(steps=steps, optimizer=optimizer))
     trainer.train()
     return trainer
 

@@ -28,7 +28,9 @@ flags.DEFINE_integer("steps", _TRAIN.steps, "Total training steps (a rerun resum
 flags.DEFINE_integer("batch_size", _TRAIN.global_batch_size, "Global batch size.")
 flags.DEFINE_float("unverified_fraction", _TRAIN.unverified_fraction,
                    "Share of each batch given to unverified queries (drawn class-uniformly).")
-flags.DEFINE_float("learning_rate", _TRAIN.learning_rate, "SGD learning rate.")
+flags.DEFINE_enum("optimizer", _TRAIN.optimizer, ["sgd", "adam"],
+                  "sgd: SGD with --momentum (the release); adam: Adam.")
+flags.DEFINE_float("learning_rate", _TRAIN.learning_rate, "Initial learning rate.")
 flags.DEFINE_float("momentum", _TRAIN.momentum, "SGD momentum.")
 flags.DEFINE_integer("lr_decay_steps", _TRAIN.lr_decay_steps,
                      "Multiply the learning rate by --lr_decay_rate every this many steps.")
@@ -83,7 +85,8 @@ def train_config():
   """``TrainConfig`` from the flags."""
   return training.TrainConfig(
       steps=FLAGS.steps, global_batch_size=FLAGS.batch_size,
-      unverified_fraction=FLAGS.unverified_fraction, learning_rate=FLAGS.learning_rate,
+      unverified_fraction=FLAGS.unverified_fraction, optimizer=FLAGS.optimizer,
+      learning_rate=FLAGS.learning_rate,
       momentum=FLAGS.momentum, lr_decay_steps=FLAGS.lr_decay_steps,
       lr_decay_rate=FLAGS.lr_decay_rate, weight_decay=FLAGS.weight_decay,
       loss=losses.LossWeights(FLAGS.margin, FLAGS.negative_weight, FLAGS.beta, FLAGS.gamma,
