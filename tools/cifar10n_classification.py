@@ -6,11 +6,13 @@
 Starting from the step-1 classifier, CIFAR-10N features and reference sets
 that tools.cifar10n_features left in --out, this trains CleanNet (step 2),
 scores every training image (step 3's weights), then fine-tunes the step-1
-classifier four times with the same budget (--finetune_steps at
+classifier once per variant with the same budget (--finetune_steps at
 --finetune_learning_rate, same seed and batches):
 
 * none: noisy labels, all weights 1 (more step-1 training);
 * w_hard / w_soft: noisy labels weighted by CleanNet (Eq. 12-14);
+* w_soft_balanced: w_soft rescaled to a mean of 1 in every noisy class
+  (``detection.balance_per_class``);
 * clean: the true CIFAR-10 labels, weights 1 (the upper bound).
 
 Each variant's test top-1 is written to <out>/classification/results.json
@@ -40,18 +42,17 @@ flags.DEFINE_float("finetune_learning_rate", 0.01,
                    "Fine-tuning initial learning rate (cosine decay).")
 flags.DEFINE_integer("finetune_batch_size", 128, "Fine-tuning batch size.")
 flags.DEFINE_integer("cleannet_steps", 10_000, "CleanNet training steps.")
-flags.DEFINE_float("cleannet_learning_rate", 0.01, "CleanNet learning rate.")
 flags.DEFINE_string("benchmarks_md", "",
                     "Markdown file whose classification section is regenerated; "
                     "empty: none.")
 FLAGS = flags.FLAGS
 
-VARIANTS = ("none", "w_hard", "w_soft", "clean")
+VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "clean")
 SECTION = "classification"
 NOISY_COLUMNS = ("worse_label", "aggre_label")
 ROWS = {"step1": ("noisy (step 1 only)", "1"), "none": ("noisy", "1"),
         "w_hard": ("noisy", "w_hard (Eq. 13)"), "w_soft": ("noisy", "w_soft (Eq. 12)"),
-        "clean": ("clean", "1")}
+        "w_soft_balanced": ("noisy", "w_soft, mean 1 per class"), "clean": ("clean", "1")}
 
 
 def _clean_class_ids(data_dir, train, class_names):
@@ -117,7 +118,7 @@ def markdown(result):
       f"({step1['steps']} steps of batch {step1['batch_size']}) on the noisy labels. "
       f"Every variant then fine-tunes that same checkpoint for {finetune['steps']} steps "
       f"(batch {finetune['batch_size']}, lr {finetune['learning_rate']:g} cosine, same "
-      f"seed, same image order and augmentation); CleanNet (paper defaults, "
+      f"seed, same image order and augmentation); CleanNet (library defaults, "
       f"{result['cleannet_steps']:,} steps) gives the weights. Test top-1 on the "
       f"{step1['test_images']:,} clean test images:", "",
       _markdown(result).rstrip("\n"), "",
@@ -158,9 +159,8 @@ def plot(result, path):
 
 
 def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
-             finetune_batch_size=128, cleannet_steps=10_000, cleannet_learning_rate=0.01,
-             seed=0):
-  """Steps 2-3 and the four fine-tunings in <out>/classification; the result dict.
+             finetune_batch_size=128, cleannet_steps=10_000, seed=0):
+  """Steps 2-3 and the fine-tuning of every variant in <out>/classification; the result dict.
 
   `out` is a folder of tools.cifar10n_features (its step 1, features and
   reference sets); `data_dir` the CIFAR-10N folder it was made from. Results
@@ -188,9 +188,8 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
           learning_rate=finetune_learning_rate, seed=seed,
           init_classifier=os.path.join(step1_dir, classifier.CLASSIFIER_FILE)),
       cleannet=training.TrainConfig(
-          steps=steps, learning_rate=cleannet_learning_rate,
-          lr_decay_steps=max(1, steps // 2), eval_every=max(1, steps // 10),
-          checkpoint_every=max(1, steps // 10), seed=seed))
+          steps=steps, lr_decay_steps=max(1, steps * 2 // 3),
+          eval_every=max(1, steps // 12), checkpoint_every=max(1, steps // 10), seed=seed))
 
   cleannet_dir = os.path.join(work, "cleannet")
   if not alternating.is_finished(cleannet_dir, "step2-cleannet"):
@@ -207,6 +206,7 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
 
   sources = {"none": (train, None), "w_hard": (train, weights["w_hard"]),
              "w_soft": (train, weights["w_soft"]),
+             "w_soft_balanced": (train, weights["w_soft_balanced"]),
              "clean": (dataclasses.replace(train, class_ids=clean_ids), None)}
   step1 = alternating.read_json(os.path.join(step1_dir, alternating.SUMMARY_FILE))
   top1 = {"step1": step1["test_top1"]}
@@ -260,8 +260,7 @@ def main(_):
   results = classify(FLAGS.data, FLAGS.out, finetune_steps=FLAGS.finetune_steps,
                      finetune_learning_rate=FLAGS.finetune_learning_rate,
                      finetune_batch_size=FLAGS.finetune_batch_size,
-                     cleannet_steps=FLAGS.cleannet_steps,
-                     cleannet_learning_rate=FLAGS.cleannet_learning_rate, seed=FLAGS.seed)
+                     cleannet_steps=FLAGS.cleannet_steps, seed=FLAGS.seed)
   results["command"] = "python -m tools.cifar10n_classification " + shlex.join(sys.argv[1:])
   print(json.dumps(results, indent=2))
   print(_markdown(results))
