@@ -20,6 +20,7 @@ written by training load with ``keras.models.load_model`` once
 
 import keras
 from keras import ops
+import tensorflow as tf
 
 _PACKAGE = "cleannet_tf"
 NORMALIZATIONS = ("log1p", "l2", "none")
@@ -289,7 +290,12 @@ class CleanNet(keras.Model):
     features = self.normalize(inputs["features"])
     class_id = ops.cast(inputs["class_id"], "int32")
     query_embedding, reconstruction = self.query_encoder(features)
-    class_embedding, _ = self._encode_references(class_id, training)
+    # A batch holds far fewer classes than queries (at most L): encode each
+    # class's K references once and share the embedding among its queries.
+    # With K=50 references the reference MLP is most of a step's compute.
+    classes, position = tf.unique(class_id)
+    class_embedding = ops.take(self._encode_references(classes, training)[0], position,
+                               axis=0)
     return {
         "score": cosine_similarity(query_embedding, class_embedding),
         "query_embedding": query_embedding,
