@@ -47,7 +47,9 @@ flags.DEFINE_string("manifest", None,
                     "Image manifest of the feature set's rows; default <run_dir>/train.csv.")
 flags.DEFINE_string("clean_labels", None, "CIFAR-10N train.csv with column clean_label.")
 flags.DEFINE_string("out", None, "Output folder; default <run_dir>/detection_benchmark.")
-flags.DEFINE_integer("cleannet_steps", 6000, "CleanNet training steps per run.")
+flags.DEFINE_integer("cleannet_steps", 3000,
+                     "CleanNet training steps per run; unless given, --lr_decay_steps is "
+                     "2/3 and --eval_every 1/12 of them.")
 flags.DEFINE_list("transfer_n", ["3", "5", "7"],
                   "Numbers of classes whose verification labels are held out.")
 flags.DEFINE_integer("transfer_splits", 3, "Random class splits per n.")
@@ -61,10 +63,6 @@ flags.DEFINE_list("ablations", [],
                   "full supervision and on transfer with --ablation_transfer_n held out.")
 flags.DEFINE_integer("ablation_transfer_n", 5, "Classes held out in the ablation's transfer.")
 flags.mark_flags_as_required(["clean_labels"])
-# This benchmark's CleanNet schedule: fewer steps than the paper's 60k, so
-# validate and decay correspondingly sooner.
-flags.FLAGS.set_default("eval_every", 1000)
-flags.FLAGS.set_default("lr_decay_steps", 4000)
 FLAGS = flags.FLAGS
 
 IMAGE_SIZE = (32, 32)
@@ -169,6 +167,12 @@ def cleannet_scores(info, reference_sets, model_dir, features, class_ids, overri
   model_config = cleannet_flags.model_config(info.num_classes, info.dim)
   model_config["num_references"] = reference_sets.k
   config = dataclasses.replace(cleannet_flags.train_config(), steps=FLAGS.cleannet_steps)
+  # Far fewer steps than the release's 60k on 50k rows: decay and validate
+  # correspondingly sooner, unless the flags say otherwise.
+  if not FLAGS["lr_decay_steps"].present:
+    config = dataclasses.replace(config, lr_decay_steps=max(1, FLAGS.cleannet_steps * 2 // 3))
+  if not FLAGS["eval_every"].present:
+    config = dataclasses.replace(config, eval_every=max(1, FLAGS.cleannet_steps // 12))
   model_config, config = training.with_overrides(model_config, config, overrides or {})
   result = training.Trainer(model_config, reference_sets, info, model_dir, config).train()
   return scoring.Scorer(result.model).score(features, class_ids).astype(np.float64)

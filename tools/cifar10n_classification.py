@@ -41,7 +41,7 @@ flags.DEFINE_integer("finetune_steps", 1000, "Fine-tuning steps of every variant
 flags.DEFINE_float("finetune_learning_rate", 0.01,
                    "Fine-tuning initial learning rate (cosine decay).")
 flags.DEFINE_integer("finetune_batch_size", 128, "Fine-tuning batch size.")
-flags.DEFINE_integer("cleannet_steps", 10_000, "CleanNet training steps.")
+flags.DEFINE_integer("cleannet_steps", 3000, "CleanNet training steps.")
 flags.DEFINE_string("benchmarks_md", "",
                     "Markdown file whose classification section is regenerated; "
                     "empty: none.")
@@ -159,7 +159,7 @@ def plot(result, path):
 
 
 def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
-             finetune_batch_size=128, cleannet_steps=10_000, seed=0):
+             finetune_batch_size=128, cleannet_steps=3000, seed=0):
   """Steps 2-3 and the fine-tuning of every variant in <out>/classification; the result dict.
 
   `out` is a folder of tools.cifar10n_features (its step 1, features and
