@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tools import markdown_sections
+from tools import benchmarks, markdown_sections
 
 # Tiny settings for every stage: seconds each, not hours.
 TINY = ["--demo_args=--steps=10 --eval_every=10",
@@ -204,3 +204,9 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
                                         f"--out={tmp_path / 'other'}",
                                         f"--benchmarks_md={md}", *TINY_CIFAR))
   assert "needs features-worse_label" in error
+
+
+def test_paper_demo_args_are_the_papers_settings():
+  from cleannet_tf import training  # pylint: disable=g-import-not-at-top
+  given = dict(arg.removeprefix("--").split("=") for arg in benchmarks.PAPER_DEMO_ARGS)
+  assert {name: float(value) for name, value in given.items()} == training.PAPER_SETTINGS

@@ -67,6 +67,21 @@ FLAGS = flags.FLAGS
 
 IMAGE_SIZE = (32, 32)
 
+# CleanNet variants for --ablations: name -> (what it is, overrides of the
+# library's defaults; ``training.with_overrides``).
+ABLATIONS = {
+    "paper": ("the paper's and release's settings", training.PAPER_SETTINGS),
+    "no_cross_class_negatives": ("without verified cross-class negatives",
+                                 {"cross_class_negatives": 0.0}),
+    "paper_pseudo_labels": ("the paper's Eq. 8 pseudo-labels (threshold rho, gamma 0.1)",
+                            {"gamma": 0.1, "pseudo_label_margin": 0.1}),
+    "unverified_negatives": ("plus unverified cross-class negatives",
+                             {"unverified_cross_class_negatives": 0.25}),
+    "negative_weight_2.5": ("omega 2.5 (release 5)", {"negative_weight": 2.5}),
+    "dropout": ("dropout 0.2 in the reference MLP", {"dropout": 0.2}),
+    "adam": ("Adam, lr 0.001", {"optimizer": "adam", "learning_rate": 0.001}),
+}
+
 PROTOCOL = """\
 Protocol. Verified rows are the feature set's verification labels (drawn per
 class with a seed by `tools.prepare_cifar10n`). They are split per class into
@@ -296,12 +311,14 @@ def ablation(rows, truth, reference_sets, full_results, transfer_report, info, o
   _, val = verified_split(verification, class_ids, FLAGS.seed)
   n = FLAGS.ablation_transfer_n
   transfer_runs = transfer_report.get(n, {}).get("splits", [])
-  report = {"defaults (this run's flags)": {
+  report = {"defaults": {
+      "description": "the library's defaults (this run's flags)",
       "overrides": {}, "val_error": full_results["CleanNet"]["val_error"],
       "error": full_results["CleanNet"]["error"],
       "transfer": [run["errors"]["CleanNet"] for run in transfer_runs]}}
   for name in names:
-    overrides, slug = ABLATIONS[name], _slug(name)
+    description, overrides = ABLATIONS[name]
+    slug = _slug(name)
     logging.info("Ablation: %s %s", name, overrides)
     scores = cleannet_scores(info, reference_sets, os.path.join(out, f"cleannet-{slug}"),
                              rows["features"], class_ids, overrides)
@@ -317,7 +334,8 @@ def ablation(rows, truth, reference_sets, full_results, transfer_report, info, o
           rows["features"], class_ids, overrides)
       errors.append(threshold_and_error(scores, class_ids, masked, split_val, evaluated,
                                         truth)["error"])
-    report[name] = {"overrides": overrides, "val_error": full["val_error"],
+    report[name] = {"description": description, "overrides": overrides,
+                    "val_error": full["val_error"],
                     "error": full["error"], "transfer": errors}
   return report
 
@@ -384,13 +402,13 @@ def markdown(result):
               f"unverified rows (full supervision), and on the held-out classes with {n} "
               "classes' verification labels held out (mean ± standard deviation over the "
               "splits above).", "",
-              "| CleanNet variant | changes | val error | error (unverified rows) | "
-              f"transfer n={n} |", "|---|---|---|---|---|"]
+              "| variant | CleanNet | changes | val error | error (unverified rows) | "
+              f"transfer n={n} |", "|---|---|---|---|---|---|"]
     for name, r in result["ablation"].items():
       changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
       transfer_cell = (f"{_percent(np.mean(r['transfer']))} ± "
                        f"{_percent(np.std(r['transfer']))}" if r["transfer"] else "—")
-      lines.append(f"| {name} | {changes} | {_percent(r['val_error'])} | "
+      lines.append(f"| {name} | {r['description']} | {changes} | {_percent(r['val_error'])} | "
                    f"{_percent(r['error'])} | {transfer_cell} |")
   return "\n".join(lines) + "\n"
 

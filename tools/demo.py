@@ -36,25 +36,16 @@ flags.DEFINE_string("benchmarks_section", "demo", "Name of that section's marker
 FLAGS = flags.FLAGS
 
 # The demo's scale: 1,797 tiny images train in seconds, not the release's 60k
-# steps, and ~180 images per class make 5 K-means references (not 50). The
-# paper's losses with its defaults do not transfer from 5 verified classes on
-# this data (unverified classes end above naive; see README), so the demo also
-# re-pairs half of the verified-correct queries with other classes as verified
-# negatives, and treats every unverified query as pseudo-relevant (Eq. 8 with
-# threshold -1) at gamma = 1. Every other flag keeps the library default.
+# steps, and ~180 images per class make 5 K-means references (not 50). Every
+# other flag keeps the library default.
 DEMO_DEFAULTS = dict(steps=1500, eval_every=100, checkpoint_every=500, log_every=500,
-                     lr_decay_steps=1000, num_references=5, cross_class_negatives=0.5,
-                     gamma=1.0, pseudo_label_margin=-1.0)
-# The demo's training options beyond the paper's (the last three above).
-NON_PAPER_OPTIONS = ("cross_class_negatives", "gamma", "pseudo_label_margin")
+                     lr_decay_steps=1000, num_references=5)
 
 
 def uses_paper_losses(config):
-  """Whether a ``TrainConfig`` keeps the paper's losses (none of NON_PAPER_OPTIONS)."""
-  paper = losses.LossWeights()
-  return (config.cross_class_negatives == training.TrainConfig().cross_class_negatives
-          and config.loss.gamma == paper.gamma
-          and config.loss.pseudo_label_margin in (None, config.loss.margin))
+  """Whether a ``TrainConfig`` has the paper's values of ``training.PAPER_SETTINGS``."""
+  _, paper = training.with_overrides({}, config, training.PAPER_SETTINGS)
+  return paper == config
 
 
 def run_demo(work_dir, model_options, train_config, strategy=None):
@@ -114,8 +105,7 @@ def _value(value):
 
 def markdown(result):
   """The BENCHMARKS.md section of a demo result (with "command" and "settings")."""
-  changed = {name: value for name, value in result["settings"].items()
-             if value != DEMO_DEFAULTS[name]}
+  changed = result["changed"]
   table = ["| classes | rows | naive | CleanNet |", "|---|---|---|---|"]
   table += [f"| {group} | {row['rows']} | {row['naive']:.1%} | {row['cleannet']:.1%} |"
             for group, row in result["errors"].items()]
@@ -139,9 +129,9 @@ def markdown(result):
         f"{len(result['verified_classes'])} of {result['num_classes']} classes; "
         "the features come from a step-1 classifier that reaches "
         f"{result['classifier_noisy_accuracy']:.1%} on its noisy labels):", "", *table, "",
-        "The demo turns on training options beyond the paper's (see README, \"Demo "
-        "settings\"): " + ", ".join(f"`--{name}={_value(result['settings'][name])}`"
-                                    for name in NON_PAPER_OPTIONS) + "."]
+        "CleanNet uses the library's defaults, which differ from the paper's in "
+        + ", ".join(f"`--{name}`" for name in training.PAPER_SETTINGS)
+        + " (see the CIFAR-10N ablation below)."]
     if changed:
       lines.append(f"This run differs from the demo's defaults in {differs}.")
   return "\n".join(lines) + "\n"
@@ -174,7 +164,11 @@ def main(_):
   result = run_demo(FLAGS.work_dir, model_options, cleannet_flags.train_config(),
                     distribute.make_strategy(FLAGS.strategy))
   result["command"] = "python -m tools.demo " + shlex.join(sys.argv[1:])
-  result["settings"] = {name: FLAGS[name].value for name in DEMO_DEFAULTS}
+  result["settings"] = {name: FLAGS[name].value
+                        for name in [*DEMO_DEFAULTS, *training.PAPER_SETTINGS]}
+  # Flags given on the command line, beyond DEMO_DEFAULTS' own defaults.
+  result["changed"] = {name: FLAGS[name].value for name in result["settings"]
+                       if FLAGS[name].present}
 
   print(f"\nCleanNet demo on scikit-learn digits: {result['num_images']} images, "
         f"{result['noise_rate']:.1%} noisy labels, {result['num_verified']} "
