@@ -197,6 +197,8 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   assert "| noisy (step 1 only) | 1 |" in classification
   assert "| clean | 1 |" in classification
   assert "| ship | 12 |" in classification
+  assert "| noisy | w_soft, mean 1 per class |" in classification
+  assert "CleanNet* " in classification and "CleanNet* (the paper" in classification
   cost = markdown_sections.extract_section(text, "cost")
   assert "| features-worse_label |" in cost and "| classification |" in cost
   # Detection needs its features run; a stage list without it is refused.
