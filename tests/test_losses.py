@@ -58,7 +58,8 @@ def test_pseudo_label_margin_overrides_rho_in_eq_8_only():
              "normalized_features": np.zeros([2, 1], np.float32),
              "reconstruction": np.zeros([2, 1], np.float32)}
   verification = np.array([0, -1])
-  paper = losses.total_loss(outputs, verification, losses.LossWeights(gamma=1.0))
+  paper = losses.total_loss(outputs, verification,
+                            losses.LossWeights(gamma=1.0, pseudo_label_margin=None))
   # cos 0.05 < rho: the unverified query is ignored (Eq. 8) ...
   np.testing.assert_allclose(paper["total"], [0.0, 0.0], atol=1e-7)
   every = losses.total_loss(outputs, verification,
