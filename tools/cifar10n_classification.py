@@ -42,17 +42,21 @@ flags.DEFINE_float("finetune_learning_rate", 0.01,
                    "Fine-tuning initial learning rate (cosine decay).")
 flags.DEFINE_integer("finetune_batch_size", 128, "Fine-tuning batch size.")
 flags.DEFINE_integer("cleannet_steps", 3000, "CleanNet training steps.")
+flags.DEFINE_integer("holdout_classes", 5,
+                     "Also fine-tune with w_soft of a CleanNet trained without the "
+                     "verification labels of this many classes (0: skip).")
 flags.DEFINE_string("benchmarks_md", "",
                     "Markdown file whose classification section is regenerated; "
                     "empty: none.")
 FLAGS = flags.FLAGS
 
-VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "clean")
+VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_soft_holdout", "clean")
 SECTION = "classification"
 NOISY_COLUMNS = ("worse_label", "aggre_label")
 ROWS = {"step1": ("noisy (step 1 only)", "1"), "none": ("noisy", "1"),
         "w_hard": ("noisy", "w_hard (Eq. 13)"), "w_soft": ("noisy", "w_soft (Eq. 12)"),
-        "w_soft_balanced": ("noisy", "w_soft, mean 1 per class"), "clean": ("clean", "1")}
+        "w_soft_balanced": ("noisy", "w_soft, mean 1 per class"),
+        "w_soft_holdout": ("noisy", "w_soft, n classes unverified"), "clean": ("clean", "1")}
 
 
 def _clean_class_ids(data_dir, train, class_names):
@@ -97,7 +101,8 @@ def _per_class_weights(class_names, class_ids, truth, w_soft, scored):
 def _markdown(results):
   lines = ["| training labels | weights | test top-1 |", "|---|---|---|"]
   for name, (labels, weights) in ROWS.items():
-    lines.append(f"| {labels} | {weights} | {results['top1'][name]:.4f} |")
+    if name in results["top1"]:
+      lines.append(f"| {labels} | {weights} | {results['top1'][name]:.4f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -133,6 +138,10 @@ def markdown(result):
             f"{_weight(row['mean_w_soft'])} | {_weight(row['mean_w_soft_correct'])} | "
             f"{_weight(row['mean_w_soft_wrong'])} |"
             for name, row in result["per_class"].items()]
+  if result.get("holdout_classes"):
+    lines += ["", "\"w_soft, n classes unverified\": the weights of a CleanNet trained "
+              f"without the verification labels of {len(result['holdout_classes'])} "
+              f"classes ({', '.join(result['holdout_classes'])}), the Fig. 6 analog."]
   errors = result["unverified_rows_error"]
   lines += ["", "CleanNet* (the paper's Table 2 row): CleanNet trained again, with the same "
             "settings and verified rows, on the features of the classifier fine-tuned with "
@@ -149,8 +158,9 @@ def plot(result, path):
   plt = markdown_sections.pyplot("classification plot")
   if plt is None:
     return None
-  names = [f"{labels}\n{weights}" for labels, weights in ROWS.values()]
-  values = [100 * result["top1"][name] for name in ROWS]
+  rows = [name for name in ROWS if name in result["top1"]]
+  names = [f"{ROWS[name][0]}\n{ROWS[name][1]}" for name in rows]
+  values = [100 * result["top1"][name] for name in rows]
   figure, axes = plt.subplots(figsize=(7, 3.5))
   bars = axes.bar(names, values, color=["0.6", "C0", "C1", "C2", "C3"])
   axes.bar_label(bars, fmt="%.2f")
@@ -161,6 +171,40 @@ def plot(result, path):
   figure.savefig(path, dpi=120)
   plt.close(figure)
   return path
+
+
+def holdout_cleannet(train, info, out, work, config, num_classes, seed):
+  """CleanNet trained without the verification labels of `num_classes` classes.
+
+  The classes are the benchmark's first random split (``tools.benchmark_detection``
+  draws split 0 of n the same way). Returns (held-out class ids, the
+  ``alternating.score_rows`` dict of its weights for every training row).
+  """
+  if not 0 < num_classes < info.num_classes:
+    raise InputError(f"--holdout_classes={num_classes}: must be between 1 and "
+                     f"{info.num_classes - 1} (the data set has {info.num_classes} classes)")
+  held_out = np.sort(np.random.default_rng([seed, num_classes, 0]).choice(
+      info.num_classes, num_classes, replace=False))
+  directory = os.path.join(work, f"holdout-{num_classes}")
+  weights_path = os.path.join(directory, alternating.WEIGHTS_FILE)
+  if not os.path.exists(weights_path):
+    features = os.path.join(directory, "features")
+    if os.path.exists(os.path.join(features, data.METADATA_FILE)):
+      masked = data.read_info(features)
+    else:
+      rows = data.load_arrays(info, verification="all")
+      masked = data.write_features(
+          features, rows["key"], rows["features"], rows["class_id"],
+          np.where(np.isin(rows["class_id"], held_out), -1, rows["verification"]),
+          info.class_names)
+    model_dir = os.path.join(directory, "cleannet")
+    if not alternating.is_finished(model_dir, "step2-cleannet"):
+      alternating.train_cleannet(masked, model_dir, config,
+                                 references_path=os.path.join(out, "references.npz"))
+    alternating.save_weights(weights_path,
+                             alternating.score_with_cleannet(model_dir, masked, train))
+  with np.load(weights_path) as saved:
+    return held_out, {name: saved[name] for name in saved.files}
 
 
 def cleannet_star(train, info, work, config):
@@ -187,7 +231,7 @@ def cleannet_star(train, info, work, config):
 
 
 def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
-             finetune_batch_size=128, cleannet_steps=3000, seed=0):
+             finetune_batch_size=128, cleannet_steps=3000, holdout_classes=5, seed=0):
   """Steps 2-3 and the fine-tuning of every variant in <out>/classification; the result dict.
 
   `out` is a folder of tools.cifar10n_features (its step 1, features and
@@ -232,13 +276,20 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
   with np.load(weights_path) as saved:
     weights = {name: saved[name] for name in saved.files}
 
+  held_out = []
+  if holdout_classes:
+    held_out, holdout_weights = holdout_cleannet(train, info, out, work, config,
+                                                 holdout_classes, seed)
   sources = {"none": (train, None), "w_hard": (train, weights["w_hard"]),
              "w_soft": (train, weights["w_soft"]),
              "w_soft_balanced": (train, weights["w_soft_balanced"]),
+             "w_soft_holdout": (train, holdout_weights["w_soft"] if held_out else None),
              "clean": (dataclasses.replace(train, class_ids=clean_ids), None)}
   step1 = alternating.read_json(os.path.join(step1_dir, alternating.SUMMARY_FILE))
   top1 = {"step1": step1["test_top1"]}
   for name in VARIANTS:
+    if name == "w_soft_holdout" and not held_out:
+      continue
     directory = os.path.join(work, f"finetune-{name}")
     if not os.path.exists(os.path.join(directory, alternating.SUMMARY_FILE)):
       source, sample_weights = sources[name]
@@ -268,6 +319,7 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
       "cleannet_cv_validation_error": validation.get("cv_avg_class_error"),
       "cleannet_all_rows_error": all_rows["avg_class_error"],
       "unverified_rows_error": unverified_error,
+      "holdout_classes": [class_names[c] for c in held_out],
       "delta": float(weights["delta"]),
       "weights": {name: alternating.weight_stats(weights[name], scored)
                   for name in ("w_soft", "w_hard")},
@@ -297,7 +349,8 @@ def main(_):
   results = classify(FLAGS.data, FLAGS.out, finetune_steps=FLAGS.finetune_steps,
                      finetune_learning_rate=FLAGS.finetune_learning_rate,
                      finetune_batch_size=FLAGS.finetune_batch_size,
-                     cleannet_steps=FLAGS.cleannet_steps, seed=FLAGS.seed)
+                     cleannet_steps=FLAGS.cleannet_steps,
+                     holdout_classes=FLAGS.holdout_classes, seed=FLAGS.seed)
   results["command"] = "python -m tools.cifar10n_classification " + shlex.join(sys.argv[1:])
   print(json.dumps(results, indent=2))
   print(_markdown(results))
