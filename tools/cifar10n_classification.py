@@ -276,19 +276,19 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
   with np.load(weights_path) as saved:
     weights = {name: saved[name] for name in saved.files}
 
-  held_out = []
+  held_out = np.zeros(0, np.int64)
   if holdout_classes:
     held_out, holdout_weights = holdout_cleannet(train, info, out, work, config,
                                                  holdout_classes, seed)
   sources = {"none": (train, None), "w_hard": (train, weights["w_hard"]),
              "w_soft": (train, weights["w_soft"]),
              "w_soft_balanced": (train, weights["w_soft_balanced"]),
-             "w_soft_holdout": (train, holdout_weights["w_soft"] if held_out else None),
+             "w_soft_holdout": (train, holdout_weights["w_soft"] if len(held_out) else None),
              "clean": (dataclasses.replace(train, class_ids=clean_ids), None)}
   step1 = alternating.read_json(os.path.join(step1_dir, alternating.SUMMARY_FILE))
   top1 = {"step1": step1["test_top1"]}
   for name in VARIANTS:
-    if name == "w_soft_holdout" and not held_out:
+    if name == "w_soft_holdout" and not len(held_out):
       continue
     directory = os.path.join(work, f"finetune-{name}")
     if not os.path.exists(os.path.join(directory, alternating.SUMMARY_FILE)):
