@@ -19,7 +19,7 @@ TINY_CIFAR = ["--label_columns=worse_label", "--step1_epochs=2", "--cleannet_ste
               "--finetune_steps=2",
               "--features_args=--batch_size=8 --num_references=2 --extract_batch_size=16 "
               "--verified_per_class=4",
-              "--classification_args=--finetune_batch_size=8 --holdout_classes=1"]
+              "--classification_args=--finetune_batch_size=8 --holdout_classes=2"]
 OUTSIDE = "# Hand-written title\n\nProse outside the markers.\n"
 
 
