@@ -43,11 +43,10 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
-from tools import markdown_sections
+from tools import common, markdown_sections
 from cleannet_tf.errors import InputError
 
 STAGES = ("demo", "export", "features", "detection", "classification")
@@ -568,17 +567,7 @@ def main(_):
 
 
 def run():
-  """``tools.common.run(main)`` without importing TensorFlow into this process."""
-
-  def guarded(argv):
-    if len(argv) > 1:
-      sys.exit(f"error: unexpected arguments {' '.join(argv[1:])!r} (flags start with --)")
-    try:
-      return main(argv)
-    except InputError as error:
-      sys.exit(f"error: {error}")
-
-  app.run(guarded)
+  common.run(main)
 
 
 if __name__ == "__main__":

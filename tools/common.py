@@ -1,4 +1,7 @@
-"""What every absl tool shares: one-line errors and the TensorFlow log level."""
+"""What every absl tool shares: one-line errors and the TensorFlow log level.
+
+Imports no TensorFlow itself (``load_keras`` does, when called).
+"""
 
 import os
 import sys
@@ -8,7 +11,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # pylint: disable=g-import-not-at-top
 
 from cleannet_tf.errors import InputError  # pylint: disable=g-import-not-at-top
-from cleannet_tf import model as _  # pylint: disable=g-import-not-at-top,unused-import (registers CleanNet with Keras)
 
 
 def run(main):
@@ -27,7 +29,10 @@ def run(main):
 
 def load_keras(path, what="a CleanNet model"):
   """``keras.models.load_model`` with a one-line InputError naming the file."""
+  # Imported here, not at the top, so that this module stays free of
+  # TensorFlow for tools that only orchestrate (tools.benchmarks).
   import keras  # pylint: disable=g-import-not-at-top
+  from cleannet_tf import model as _  # pylint: disable=g-import-not-at-top,unused-import (registers CleanNet with Keras)
   try:
     return keras.models.load_model(path)
   except (OSError, ValueError) as error:
