@@ -16,8 +16,9 @@ UNVERIFIED, MISLABELED, CORRECT = -1, 0, 1
 class LossWeights:
   """Hyperparameters of the total loss.
 
-  rho, omega and beta are the paper's and the release's. gamma and the Eq. 8
-  threshold are not: with the paper's (gamma 0.1, threshold rho) CleanNet
+  rho and omega are the paper's and the release's; beta is rescaled for
+  standardised features (below). gamma and the Eq. 8 threshold are not the
+  paper's: with the paper's (gamma 0.1, threshold rho) CleanNet
   transferred worse than keeping every label to the classes without
   verification labels, on CIFAR-10N and on the demo. Treating every unverified
   query as relevant to its noisy class (threshold -1) at gamma 1 lets the
@@ -27,7 +28,11 @@ class LossWeights:
   """
   margin: float = 0.1          # rho, Eq. 6 and 8
   negative_weight: float = 5.0  # omega, Eq. 6
-  beta: float = 0.1            # reconstruction weight, Eq. 9
+  # Reconstruction weight, Eq. 9 (paper: 0.1). Eq. 5 sums squared errors over
+  # the D feature dimensions, so its size follows the features' scale: on
+  # standardised features (unit variance per dimension) it is ~D times that of
+  # the release's log1p features, and at 0.1 it outweighed the cosine losses.
+  beta: float = 0.001
   gamma: float = 1.0           # unsupervised weight, Eq. 9 (paper: 0.1)
   # Threshold of the pseudo-verification label (Eq. 8); None uses rho, as the
   # paper. -1 treats every unverified query as relevant to its class.

@@ -2,7 +2,8 @@
 
 Pieces, one concept per layer:
 
-* ``FeatureNormalization``: log(x+1) / l2 / none on raw CNN features.
+* ``FeatureNormalization``: log(x+1) / l2 / none on raw CNN features, then
+  standardisation with the training features' statistics.
 * ``ReferenceAttention``: attention pooling with a learned context vector
   (Eq. 2-4), masked for classes with fewer than K references.
 * ``ReferenceSetEncoder`` (f_s): 2-layer MLP per reference, attention, 1-layer
@@ -37,22 +38,41 @@ def cosine_similarity(a, b, epsilon=1e-12):
 class FeatureNormalization(keras.layers.Layer):
   """Normalises raw CNN features before both encoders.
 
-  Modes:
+  First a fixed transform, ``mode``:
     * ``"log1p"`` (default, as the authors' release): ``sign(x) log(|x| + 1)``,
       which is log(x+1) for the non-negative pooled features of a ReLU CNN and
       stays finite for signed features instead of giving NaN below -1.
     * ``"l2"``: unit l2 norm per vector.
     * ``"none"``: identity.
+
+  Then, with ``standardize`` (the default), per-dimension standardisation
+  ``(t - mean) / std`` with statistics of the training features
+  (``set_statistics``), held as non-trainable weights so they travel with the
+  model. Why: pooled ReLU features share a large positive component (on
+  CIFAR-10N the 10 class means have cosine 0.88-0.99), so every reference set
+  starts with nearly the same class embedding and the shared reference
+  encoder learns to tell classes apart slowly, if at all. Centred features
+  remove that component. The ablation ``log1p_only`` in BENCHMARKS.md
+  measures it.
   """
 
-  def __init__(self, mode="log1p", **kwargs):
+  def __init__(self, mode="log1p", standardize=True, **kwargs):
     super().__init__(**kwargs)
     if mode not in NORMALIZATIONS:
       raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
     self.mode = mode
+    self.standardize = bool(standardize)
 
-  def call(self, features):
-    """features: float [..., D] -> float [..., D]."""
+  def build(self, input_shape):
+    if self.standardize:
+      dim = input_shape[-1]
+      self.mean = self.add_weight(name="mean", shape=(dim,), initializer="zeros",
+                                  trainable=False)
+      self.std = self.add_weight(name="std", shape=(dim,), initializer="ones",
+                                 trainable=False)
+
+  def transform(self, features):
+    """The fixed transform alone: float [..., D] -> float [..., D]."""
     if self.mode == "log1p":
       return ops.sign(features) * ops.log1p(ops.abs(features))
     if self.mode == "l2":
@@ -60,11 +80,27 @@ class FeatureNormalization(keras.layers.Layer):
       return features / norm
     return features
 
+  def set_statistics(self, mean, std):
+    """Sets the standardisation's mean [D] and std [D] (of transformed features)."""
+    if not self.standardize:
+      raise ValueError("this FeatureNormalization does not standardize")
+    self.mean.assign(ops.cast(mean, self.mean.dtype))
+    # A constant dimension would divide by zero; leave it unscaled.
+    self.std.assign(ops.where(ops.cast(std, self.std.dtype) > 1e-6,
+                              ops.cast(std, self.std.dtype), 1.0))
+
+  def call(self, features):
+    """features: float [..., D] -> float [..., D]."""
+    transformed = self.transform(features)
+    if self.standardize:
+      transformed = (transformed - self.mean) / self.std
+    return transformed
+
   def compute_output_shape(self, input_shape):
     return input_shape
 
   def get_config(self):
-    return {**super().get_config(), "mode": self.mode}
+    return {**super().get_config(), "mode": self.mode, "standardize": self.standardize}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -226,7 +262,7 @@ class CleanNet(keras.Model):
   """
 
   def __init__(self, num_classes, num_references, feature_dim, normalization="log1p",
-               query_hidden_dim=256, embedding_dim=128, reference_hidden_dims=(512, 256),
+               standardize_features=True, query_hidden_dim=256, embedding_dim=128, reference_hidden_dims=(512, 256),
                attention_dim=256, dropout=0.0, activation="tanh",
                reconstruction_activation="linear", **kwargs):
     super().__init__(**kwargs)
@@ -234,6 +270,7 @@ class CleanNet(keras.Model):
     self.num_references = int(num_references)
     self.feature_dim = int(feature_dim)
     self.normalization = normalization
+    self.standardize_features = bool(standardize_features)
     self.query_hidden_dim = query_hidden_dim
     self.embedding_dim = embedding_dim
     self.reference_hidden_dims = tuple(reference_hidden_dims)
@@ -241,7 +278,7 @@ class CleanNet(keras.Model):
     self.dropout = dropout
     self.activation = activation
     self.reconstruction_activation = reconstruction_activation
-    self.normalize = FeatureNormalization(normalization, name="normalize")
+    self.normalize = FeatureNormalization(normalization, standardize_features, name="normalize")
     self.query_encoder = QueryAutoencoder(
         feature_dim, query_hidden_dim, embedding_dim, activation,
         reconstruction_activation, name="query_encoder")
@@ -265,6 +302,7 @@ class CleanNet(keras.Model):
     self.delta = self.add_weight(
         name="delta", shape=(), initializer=keras.initializers.Constant(0.1),
         trainable=False)
+    self.normalize.build((None, self.feature_dim))
     self.query_encoder.build((None, self.feature_dim))
     self.reference_encoder.build((None, self.num_references, self.feature_dim))
     self.built = True
@@ -321,7 +359,9 @@ class CleanNet(keras.Model):
   def get_config(self):
     return {**super().get_config(), "num_classes": self.num_classes,
             "num_references": self.num_references, "feature_dim": self.feature_dim,
-            "normalization": self.normalization, "query_hidden_dim": self.query_hidden_dim,
+            "normalization": self.normalization,
+            "standardize_features": self.standardize_features,
+            "query_hidden_dim": self.query_hidden_dim,
             "embedding_dim": self.embedding_dim,
             "reference_hidden_dims": list(self.reference_hidden_dims),
             "attention_dim": self.attention_dim, "dropout": self.dropout,

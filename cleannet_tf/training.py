@@ -14,6 +14,7 @@ strategy sees the same global batches.
 """
 
 import dataclasses
+import inspect
 import json
 import os
 import time
@@ -28,9 +29,13 @@ from cleannet_tf.errors import InputError
 
 
 # The paper's and the authors' release's values of the settings whose library
-# defaults differ (``TrainConfig`` and ``losses.LossWeights`` say why), as
-# overrides for ``with_overrides``: the benchmarks' "paper settings" runs.
-PAPER_SETTINGS = {"cross_class_negatives": 0.0, "gamma": 0.1, "pseudo_label_margin": 0.1}
+# defaults differ (``TrainConfig``, ``losses.LossWeights`` and
+# ``model.FeatureNormalization`` say why), as overrides for ``with_overrides``
+# (each name is also a flag of the training binaries): the benchmarks'
+# "paper settings" runs.
+PAPER_SETTINGS = {"standardize_features": False, "optimizer": "sgd", "learning_rate": 0.01,
+                  "beta": 0.1, "cross_class_negatives": 0.0, "gamma": 0.1,
+                  "pseudo_label_margin": 0.1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +48,12 @@ class TrainConfig:
   steps: int = 60_000
   global_batch_size: int = 64
   unverified_fraction: float = 0.5
-  optimizer: str = "sgd"  # "sgd" (with momentum, as the release) or "adam"
-  learning_rate: float = 0.01
+  # "adam" or "sgd" (with momentum, as the release). On CIFAR-10N's verified
+  # validation rows, SGD at the release's lr 0.01 left CleanNet underfitting
+  # (its error on its own verified training rows ~20%) within the benchmark's
+  # step budget; Adam at 0.001 fits them (~5%) and validates 2-3 points better.
+  optimizer: str = "adam"
+  learning_rate: float = 0.001
   momentum: float = 0.9
   lr_decay_steps: int = 30_000
   lr_decay_rate: float = 0.1
@@ -78,15 +87,16 @@ class TrainConfig:
 def with_overrides(model_config, train_config, overrides):
   """(model_config, train_config) with `overrides` {name: value} applied.
 
-  A name is looked up among the ``CleanNet`` keyword arguments, then the
+  A name is looked up among the ``CleanNet`` constructor's arguments, then the
   ``TrainConfig`` fields, then the ``losses.LossWeights`` fields; an unknown
   name is an ``InputError``. Benchmarks use this to train ablation variants.
   """
   model_config, loss_changes, train_changes = dict(model_config), {}, {}
+  model_arguments = set(inspect.signature(model_lib.CleanNet).parameters) - {"kwargs"}
   train_fields = {field.name for field in dataclasses.fields(TrainConfig)}
   loss_fields = {field.name for field in dataclasses.fields(losses.LossWeights)}
   for name, value in overrides.items():
-    if name in model_config:
+    if name in model_arguments:
       model_config[name] = value
     elif name in train_fields and name != "loss":
       train_changes[name] = value
@@ -243,6 +253,30 @@ def evaluate(scorer, val):
   return detection.detection_metrics(val["class_id"], truth, scores, delta)
 
 
+def set_feature_statistics(model, info, batch_size=8192):
+  """Sets `model`'s standardisation to the statistics of all rows of `info`.
+
+  One streamed pass (memory bounded by the batch): the per-dimension mean and
+  std of the transformed features (``FeatureNormalization.transform``), from
+  sums accumulated in float64. Labels are not used, so every row counts,
+  verified or not. A no-op for a model built with standardize_features=False.
+  """
+  if not model.standardize_features:
+    return
+  total = np.zeros(info.dim, np.float64)
+  total_squares = np.zeros(info.dim, np.float64)
+  count = 0
+  transform = tf.function(model.normalize.transform)
+  for batch in data.feature_dataset(info).map(lambda row: row["features"]).batch(batch_size):
+    transformed = transform(batch).numpy().astype(np.float64)
+    total += transformed.sum(axis=0)
+    total_squares += np.square(transformed).sum(axis=0)
+    count += len(transformed)
+  mean = total / count
+  std = np.sqrt(np.maximum(total_squares / count - np.square(mean), 0.0))
+  model.normalize.set_statistics(mean.astype(np.float32), std.astype(np.float32))
+
+
 def _save_keras_atomically(model, path):
   temporary = path[:-len(".keras")] + ".tmp.keras"
   model.save(temporary)
@@ -300,6 +334,7 @@ class Trainer:
     with self.strategy.scope():
       self.model = model_lib.CleanNet(**model_config)
       self.model.set_reference_sets(references)
+      set_feature_statistics(self.model, train_info)
       schedule = keras.optimizers.schedules.ExponentialDecay(
           config.learning_rate, config.lr_decay_steps, config.lr_decay_rate, staircase=True)
       if config.optimizer == "adam":
@@ -386,7 +421,9 @@ class Trainer:
         with writer.as_default(step=step):
           tf.summary.scalar("val/avg_class_error", result["avg_class_error"])
           tf.summary.scalar("val/delta", result["delta"])
-        if result["avg_class_error"] < self.best_error.numpy():
+        # Ties go to the later step: it has seen more unverified queries, which
+        # is what transfers to classes without verification labels.
+        if result["avg_class_error"] <= self.best_error.numpy():
           self.best_error.assign(result["avg_class_error"])
           self.best_step.assign(step)
           self.model.delta.assign(result["delta"])

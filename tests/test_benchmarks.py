@@ -213,7 +213,10 @@ def test_paper_demo_args_are_the_papers_settings():
   # In a subprocess: tools.benchmarks' flags clash with other tools' in one process.
   check = ("from tools import benchmarks; from cleannet_tf import training; "
            "given = dict(a.removeprefix('--').split('=') for a in benchmarks.PAPER_DEMO_ARGS); "
-           "assert {k: float(v) for k, v in given.items()} == training.PAPER_SETTINGS, given")
+           "parse = lambda v, like: v == 'true' if isinstance(like, bool) else type(like)(v); "
+           "paper = training.PAPER_SETTINGS; "
+           "assert given.keys() == paper.keys(), given; "
+           "assert {k: parse(v, paper[k]) for k, v in given.items()} == paper, given")
   result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=False)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -20,6 +20,8 @@ def small_model(seed=0):
   rng = np.random.default_rng(seed)
   model.reference_features.assign(rng.random((3, 4, 6)).astype("float32"))
   model.reference_counts.assign(np.array([4, 2, 1], "int32"))
+  model.normalize.set_statistics(rng.random(6).astype("float32"),
+                                 (0.5 + rng.random(6)).astype("float32"))
   return model
 
 
@@ -46,6 +48,20 @@ def test_output_shapes_and_cosine_range():
 def test_feature_normalization(mode, expected):
   x = np.array([[0.0, 1.0, 3.0], [2.0, -0.5, 0.25]], np.float32)
   np.testing.assert_allclose(model_lib.FeatureNormalization(mode)(x), expected(x), rtol=1e-6)
+
+
+def test_standardization_uses_the_set_statistics_and_leaves_constant_dims_unscaled():
+  x = np.array([[0.0, 1.0, 3.0], [2.0, -0.5, 0.25]], np.float32)
+  layer = model_lib.FeatureNormalization("log1p", standardize=True)
+  layer.build(x.shape)
+  mean, std = np.array([0.5, -1.0, 2.0], np.float32), np.array([2.0, 0.0, 0.5], np.float32)
+  layer.set_statistics(mean, std)
+  expected = (np.sign(x) * np.log1p(np.abs(x)) - mean) / np.array([2.0, 1.0, 0.5])
+  np.testing.assert_allclose(layer(x), expected, rtol=1e-6)
+  plain = model_lib.FeatureNormalization("log1p", standardize=False)
+  assert not plain.weights and plain.get_config()["standardize"] is False
+  with pytest.raises(ValueError, match="standardize"):
+    plain.set_statistics(mean, std)
 
 
 def test_feature_normalization_rejects_unknown_mode():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cleannet_tf import data, references, training
+from cleannet_tf import data, model as model_lib, references, training
 from cleannet_tf.errors import InputError
 
 NUM_CLASSES, DIM = 4, 8
@@ -124,6 +124,18 @@ def test_training_writes_a_keras_model_that_scores_alike_in_a_fresh_process(
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
   assert out.stdout.startswith("ok"), out.stderr[-2000:]
   assert float(out.stdout.split()[1]) == pytest.approx(result.best_metrics["delta"], abs=1e-6)
+
+
+def test_feature_statistics_are_those_of_every_row_after_the_transform(feature_set):
+  model = model_lib.CleanNet(**MODEL_CONFIG)
+  training.set_feature_statistics(model, feature_set, batch_size=50)
+  rows = data.load_arrays(feature_set, verification="all")
+  transformed = np.log1p(rows["features"].astype(np.float64))
+  np.testing.assert_allclose(model.normalize.mean.numpy(), transformed.mean(axis=0), rtol=1e-5)
+  np.testing.assert_allclose(model.normalize.std.numpy(), transformed.std(axis=0), rtol=1e-4)
+  unstandardized = model_lib.CleanNet(**MODEL_CONFIG, standardize_features=False)
+  training.set_feature_statistics(unstandardized, feature_set)  # a no-op
+  assert not unstandardized.normalize.weights
 
 
 def test_no_verified_rows_is_a_one_line_error_naming_the_directory(tmp_path):

@@ -71,6 +71,11 @@ IMAGE_SIZE = (32, 32)
 # library's defaults; ``training.with_overrides``).
 ABLATIONS = {
     "paper": ("the paper's and release's settings", training.PAPER_SETTINGS),
+    "log1p_only": ("features not standardised (log1p only, as the release)",
+                   {"standardize_features": False}),
+    "sgd": ("SGD with momentum, lr 0.01 (the release)",
+            {"optimizer": "sgd", "learning_rate": 0.01}),
+    "beta_0.1": ("reconstruction weight beta 0.1 (the paper)", {"beta": 0.1}),
     "no_cross_class_negatives": ("without verified cross-class negatives",
                                  {"cross_class_negatives": 0.0}),
     "paper_pseudo_labels": ("the paper's Eq. 8 pseudo-labels (threshold rho, gamma 0.1)",
@@ -79,7 +84,6 @@ ABLATIONS = {
                              {"unverified_cross_class_negatives": 0.25}),
     "negative_weight_2.5": ("omega 2.5 (release 5)", {"negative_weight": 2.5}),
     "dropout": ("dropout 0.2 in the reference MLP", {"dropout": 0.2}),
-    "adam": ("Adam, lr 0.001", {"optimizer": "adam", "learning_rate": 0.001}),
 }
 
 PROTOCOL = """\

@@ -57,6 +57,8 @@ def random_model(rng):
   model.reference_features.assign(rng.random(
       (FLAGS.num_classes, FLAGS.num_references, FLAGS.feature_dim), np.float32))
   model.reference_counts.assign(np.full([FLAGS.num_classes], FLAGS.num_references, np.int32))
+  model.normalize.set_statistics(rng.random(FLAGS.feature_dim, np.float32),
+                                 1.0 + rng.random(FLAGS.feature_dim, np.float32))
   return model
 
 
@@ -65,11 +67,12 @@ def numpy_scorer(model):
   hidden, embedding = model.query_encoder.encoder_hidden, model.query_encoder.encoder_embedding
   w1, b1 = hidden.kernel.numpy(), hidden.bias.numpy()
   w2, b2 = embedding.kernel.numpy(), embedding.bias.numpy()
+  mean, std = model.normalize.mean.numpy(), model.normalize.std.numpy()
   classes = model.class_embeddings()[0].numpy()
   classes /= np.linalg.norm(classes, axis=1, keepdims=True)
 
   def score(features, class_id):
-    normalized = np.sign(features) * np.log1p(np.abs(features))
+    normalized = (np.sign(features) * np.log1p(np.abs(features)) - mean) / std
     query = np.tanh(np.tanh(normalized @ w1 + b1) @ w2 + b2)
     query /= np.linalg.norm(query, axis=1, keepdims=True)
     return np.einsum("ne,ne->n", query, classes[class_id])

@@ -14,6 +14,8 @@ _LOSS = losses.LossWeights()
 # Model.
 flags.DEFINE_enum("normalization", "log1p", list(model.NORMALIZATIONS),
                   "Feature normalisation before both encoders.")
+flags.DEFINE_bool("standardize_features", True,
+                  "Standardise normalised features with the training features' mean and std.")
 flags.DEFINE_integer("num_references", 50, "K: references per class (K-means centroids).")
 flags.DEFINE_integer("query_hidden_dim", 256, "Hidden width of the query autoencoder.")
 flags.DEFINE_integer("embedding_dim", 128, "Width of query and class embeddings.")
@@ -76,6 +78,7 @@ def model_config(num_classes, feature_dim):
   """Keyword arguments of ``CleanNet`` from the flags."""
   return dict(num_classes=num_classes, num_references=FLAGS.num_references,
               feature_dim=feature_dim, normalization=FLAGS.normalization,
+              standardize_features=FLAGS.standardize_features,
               query_hidden_dim=FLAGS.query_hidden_dim, embedding_dim=FLAGS.embedding_dim,
               reference_hidden_dims=[int(d) for d in FLAGS.reference_hidden_dims],
               attention_dim=FLAGS.attention_dim, dropout=FLAGS.dropout)

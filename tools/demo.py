@@ -12,7 +12,7 @@ no verification label, for classes with and without verification labels.
 Writes <work_dir>/demo_results.json and <work_dir>/demo.png (with matplotlib);
 with --benchmarks_md, regenerates that file's section named --benchmarks_section
 (``demo``; a run with other training settings than the demo's describes itself
-as a variant, e.g. ``demo-paper`` for the paper's losses).
+as a variant, e.g. ``demo-paper`` for the paper's settings).
 """
 
 import json
@@ -42,10 +42,11 @@ DEMO_DEFAULTS = dict(steps=1500, eval_every=100, checkpoint_every=500, log_every
                      lr_decay_steps=1000, num_references=5)
 
 
-def uses_paper_losses(config):
-  """Whether a ``TrainConfig`` has the paper's values of ``training.PAPER_SETTINGS``."""
-  _, paper = training.with_overrides({}, config, training.PAPER_SETTINGS)
-  return paper == config
+def uses_paper_settings(model_options, config):
+  """Whether model options and a ``TrainConfig`` have ``training.PAPER_SETTINGS``."""
+  paper_options, paper_config = training.with_overrides(model_options, config,
+                                                        training.PAPER_SETTINGS)
+  return paper_options == model_options and paper_config == config
 
 
 def run_demo(work_dir, model_options, train_config, strategy=None):
@@ -96,7 +97,7 @@ def run_demo(work_dir, model_options, train_config, strategy=None):
           "num_verified": int((demo.verification >= 0).sum()),
           "verified_classes": demo.verified_classes.tolist(),
           "classifier_noisy_accuracy": float(demo.classifier_noisy_accuracy),
-          "paper_losses": uses_paper_losses(train_config)}
+          "paper_settings": uses_paper_settings(model_options, train_config)}
 
 
 def _value(value):
@@ -113,8 +114,8 @@ def markdown(result):
          f"step {result['best_step']}, threshold {result['delta']:.3f} chosen on "
          "held-out verified rows")
   differs = ", ".join(f"`--{name}={_value(value)}`" for name, value in changed.items())
-  if result["paper_losses"]:
-    lines = ["### The same demo with the paper's losses and defaults",
+  if result["paper_settings"]:
+    lines = ["### The same demo with the paper's and release's settings",
              f"Command: `{result['command']}` ({run}); it differs from the demo in "
              f"{differs}. Average per-class error on the rows without verification "
              "labels:", "", *table]
