@@ -266,9 +266,11 @@ def set_feature_statistics(model, info, batch_size=8192):
   total = np.zeros(info.dim, np.float64)
   total_squares = np.zeros(info.dim, np.float64)
   count = 0
-  transform = tf.function(model.normalize.transform)
-  for batch in data.feature_dataset(info).map(lambda row: row["features"]).batch(batch_size):
-    transformed = transform(batch).numpy().astype(np.float64)
+  transformed_rows = (data.feature_dataset(info)
+                      .map(lambda row: model.normalize.transform(row["features"]))
+                      .batch(batch_size))
+  for batch in transformed_rows:
+    transformed = batch.numpy().astype(np.float64)
     total += transformed.sum(axis=0)
     total_squares += np.square(transformed).sum(axis=0)
     count += len(transformed)
