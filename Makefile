@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/cifar10n
+# CleanNet variants of the ablation tables (tools/benchmark_detection.py ABLATIONS).
+ABLATIONS ?= paper,log1p_only,sgd,beta_0.1,no_cross_class_negatives,paper_pseudo_labels
 
 .PHONY: install demo test benchmarks clean
 
@@ -27,7 +29,7 @@ $(VENV)/.benchmark-installed: $(VENV)/.installed
 	touch $@
 
 benchmarks: install $(VENV)/.benchmark-installed
-	$(PY) -m tools.benchmarks --data=$(DATA)
+	$(PY) -m tools.benchmarks --data=$(DATA) --ablations=$(ABLATIONS) --finetune_steps=300
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
