@@ -93,3 +93,23 @@ def total_loss(outputs, verification, weights=LossWeights()):
       "reconstruction": reconstruction,
       "unsupervised": unsupervised,
   }
+
+
+def class_separation_loss(class_embeddings):
+  """Mean relu(cos)^2 over the pairs of distinct classes' embeddings [C, E] -> [].
+
+  A regulariser, not in the paper. Classes are exclusive, so their embeddings
+  should not coincide. Eq. 8 alone rewards coinciding: pulling the unverified
+  queries of a class without verification labels toward their class
+  embedding, mislabelled ones included, costs nothing if that class and the
+  classes its noise comes from share one embedding, and nothing else pushes
+  them apart. Negative cosines cost nothing, so the penalty does not ask for
+  more than orthogonality.
+  """
+  normalized = class_embeddings / ops.maximum(
+      ops.norm(class_embeddings, axis=-1, keepdims=True), 1e-12)
+  cosine = ops.matmul(normalized, ops.transpose(normalized))
+  size = ops.shape(cosine)[0]
+  different = 1.0 - ops.eye(size, dtype=cosine.dtype)
+  pairs = ops.maximum(ops.cast(size * (size - 1), cosine.dtype), 1.0)
+  return ops.sum(different * ops.square(ops.relu(cosine))) / pairs

@@ -342,9 +342,11 @@ class CleanNet(keras.Model):
         "reconstruction": reconstruction,
     }
 
-  def class_embeddings(self):
-    """All L class embeddings at once (inference): ([L, E], attention [L, K])."""
-    return self._encode_references(ops.arange(self.num_classes, dtype="int32"), False)
+  def class_embeddings(self, class_ids=None, training=False):
+    """Class embeddings ([C, E], attention [C, K]) of `class_ids` [C], default all L."""
+    if class_ids is None:
+      class_ids = ops.arange(self.num_classes, dtype="int32")
+    return self._encode_references(ops.cast(class_ids, "int32"), training)
 
   def query_embeddings(self, features):
     """Raw features [N, D] -> query embeddings [N, E] (inference)."""

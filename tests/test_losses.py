@@ -1,6 +1,7 @@
 """Eq. 5-10 against values computed by hand."""
 
 import numpy as np
+import pytest
 
 from cleannet_tf import losses
 
@@ -66,3 +67,26 @@ def test_pseudo_label_margin_overrides_rho_in_eq_8_only():
                             losses.LossWeights(gamma=1.0, pseudo_label_margin=-1.0))
   # ... unless the pseudo-label threshold is lowered; Eq. 6 keeps rho.
   np.testing.assert_allclose(every["total"], [0.0, 0.95], atol=1e-6)
+
+
+def test_class_separation_loss_penalises_positive_cosine_between_classes_only():
+  same = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]], np.float32)
+  assert float(losses.class_separation_loss(same)) == pytest.approx(1.0)
+  apart = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], np.float32)
+  assert float(losses.class_separation_loss(apart)) == pytest.approx(0.0, abs=1e-7)
+  # cos 0.6 between the first two (both orders), 0 or negative elsewhere:
+  # 2 * 0.36 / (3 * 2) ordered pairs.
+  mixed = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, -1.0]], np.float32)
+  assert float(losses.class_separation_loss(mixed)) == pytest.approx(0.12, abs=1e-6)
+  assert float(losses.class_separation_loss(same[:1])) == 0.0
+
+
+def test_class_separation_gradient_pulls_coinciding_embeddings_apart():
+  import tensorflow as tf
+  embeddings = tf.Variable([[1.0, 0.1], [1.0, -0.1]])
+  before = float(losses.class_separation_loss(embeddings))
+  for _ in range(20):
+    with tf.GradientTape() as tape:
+      loss = losses.class_separation_loss(embeddings)
+    embeddings.assign_sub(0.5 * tape.gradient(loss, embeddings))
+  assert float(losses.class_separation_loss(embeddings)) < 0.5 * before

@@ -1,5 +1,6 @@
 """The training loop: strategies, resume, validation, the written model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -55,12 +56,16 @@ def weights_of(model):
   return [np.asarray(w) for w in model.trainable_weights]
 
 
-def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path, two_cpu_strategy):
+# The class separation penalty over all classes, and over a sample of them.
+@pytest.mark.parametrize("overrides", [{}, {"class_separation": 1.0, "separation_classes": 2}])
+def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path, two_cpu_strategy,
+                                                    overrides):
   refs = reference_sets(feature_set)
   keras.utils.set_random_seed(0)
-  single = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "a"), config())
+  single = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "a"),
+                            config(**overrides))
   mirrored = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "b"),
-                              config(), strategy=two_cpu_strategy)
+                              config(**overrides), strategy=two_cpu_strategy)
   assert mirrored.strategy.num_replicas_in_sync == 2
   mirrored.model.set_weights(single.model.get_weights())
   batches = [next(single.iterator) for _ in range(4)]
@@ -103,6 +108,9 @@ def test_training_writes_a_keras_model_that_scores_alike_in_a_fresh_process(
   result = trainer.train()
   for name in ("model.keras", "best.keras", "summary.json"):
     assert os.path.exists(tmp_path / name)
+  with open(tmp_path / "summary.json", encoding="utf-8") as summary:
+    separation = json.load(summary)["class_embeddings"]
+  assert set(separation) == {"closest_pair", "closest_cosine", "coinciding_classes"}
   assert os.listdir(tmp_path / "tensorboard")
   rows = data.load_arrays(feature_set, verification="all")
   from cleannet_tf import scoring
@@ -198,8 +206,31 @@ def test_with_overrides_routes_model_training_and_loss_settings():
   model_config = {"num_classes": 3, "dropout": 0.0}
   new_model, new_train = training.with_overrides(
       model_config, training.TrainConfig(),
-      {"dropout": 0.2, "weight_decay": 1e-3, "gamma": 1.0})
+      {"dropout": 0.2, "weight_decay": 1e-3, "gamma": 1.0, "class_separation": 0.0})
   assert new_model["dropout"] == 0.2 and model_config["dropout"] == 0.0
   assert new_train.weight_decay == 1e-3 and new_train.loss.gamma == 1.0
+  assert new_train.class_separation == 0.0
   with pytest.raises(InputError, match="unknown CleanNet setting 'gama'"):
     training.with_overrides(model_config, training.TrainConfig(), {"gama": 1.0})
+
+
+def test_nearest_classes_in_chunks_matches_the_full_cosine_matrix():
+  embeddings = np.random.default_rng(0).normal(size=(7, 3))
+  nearest, cosine = training.nearest_classes(embeddings, chunk_size=3)
+  normed = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+  full = normed @ normed.T
+  np.fill_diagonal(full, -np.inf)
+  np.testing.assert_array_equal(nearest, full.argmax(axis=1))
+  np.testing.assert_allclose(cosine, full.max(axis=1))
+
+
+def test_class_separation_summary_names_coinciding_classes(caplog):
+  embeddings = np.array([[1.0, 0.0], [0.99, 0.01], [0.0, 1.0]])
+  with caplog.at_level("WARNING"):
+    summary = training.class_separation_summary(embeddings, ["cat", "dog", "ship"])
+  assert summary["closest_pair"] == ["cat", "dog"]
+  assert summary["coinciding_classes"] == 2
+  assert summary["closest_cosine"] > training.COINCIDING_COSINE
+  assert "cat and dog" in caplog.text
+  apart = training.class_separation_summary(np.eye(3), ["cat", "dog", "ship"])
+  assert apart["coinciding_classes"] == 0 and apart["closest_cosine"] == 0.0

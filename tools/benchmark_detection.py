@@ -78,6 +78,8 @@ ABLATIONS = {
     "beta_0.1": ("reconstruction weight beta 0.1 (the paper)", {"beta": 0.1}),
     "no_cross_class_negatives": ("without verified cross-class negatives",
                                  {"cross_class_negatives": 0.0}),
+    "no_class_separation": ("without the class separation penalty",
+                            {"class_separation": 0.0}),
     "paper_pseudo_labels": ("the paper's Eq. 8 pseudo-labels (threshold rho, gamma 0.1)",
                             {"gamma": 0.1, "pseudo_label_margin": 0.1}),
     "unverified_negatives": ("plus unverified cross-class negatives",

@@ -56,8 +56,8 @@ LABEL_COLUMNS = ("worse_label", "aggre_label")
 # defaults differ: training.PAPER_SETTINGS as flags (this module imports no
 # TensorFlow; a test keeps the two equal).
 PAPER_DEMO_ARGS = ("--standardize_features=false", "--optimizer=sgd", "--learning_rate=0.01",
-                   "--beta=0.1", "--cross_class_negatives=0", "--gamma=0.1",
-                   "--pseudo_label_margin=0.1")
+                   "--beta=0.1", "--cross_class_negatives=0", "--class_separation=0",
+                   "--gamma=0.1", "--pseudo_label_margin=0.1")
 FIGURES_DIR = os.path.join("docs", "benchmarks")
 
 flags.DEFINE_string("data", None,

@@ -50,6 +50,11 @@ flags.DEFINE_float("cross_class_negatives", _TRAIN.cross_class_negatives,
 flags.DEFINE_float("unverified_cross_class_negatives", _TRAIN.unverified_cross_class_negatives,
                    "Share of unverified queries re-paired with another class's "
                    "reference set as negatives.")
+flags.DEFINE_float("class_separation", _TRAIN.class_separation,
+                   "Weight of the penalty on positive cosine between different classes' "
+                   "embeddings (not in the paper; 0 turns it off).")
+flags.DEFINE_integer("separation_classes", _TRAIN.separation_classes,
+                     "Classes sampled per step for --class_separation.")
 flags.DEFINE_float("val_fraction", _TRAIN.val_fraction,
                    "Share of verified rows held out for validation (without --val_features).")
 flags.DEFINE_integer("eval_every", _TRAIN.eval_every, "Validate every this many steps.")
@@ -63,7 +68,7 @@ FLAGS = flags.FLAGS
 
 for _name in ("num_references", "query_hidden_dim", "embedding_dim", "attention_dim", "steps",
               "batch_size", "lr_decay_steps", "eval_every", "checkpoint_every", "log_every",
-              "shuffle_buffer"):
+              "shuffle_buffer", "separation_classes"):
   flags.register_validator(_name, lambda value: value > 0, f"--{_name} must be positive")
 flags.register_validator("unverified_fraction", lambda v: 0.0 <= v < 1.0,
                          "--unverified_fraction must be in [0, 1)")
@@ -71,6 +76,8 @@ flags.register_validator("val_fraction", lambda v: 0.0 < v < 1.0,
                          "--val_fraction must be in (0, 1)")
 for _name in ("cross_class_negatives", "unverified_cross_class_negatives"):
   flags.register_validator(_name, lambda v: 0.0 <= v <= 1.0, f"--{_name} must be in [0, 1]")
+flags.register_validator("class_separation", lambda v: v >= 0.0,
+                         "--class_separation must be non-negative")
 flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
 
 
@@ -96,6 +103,8 @@ def train_config():
                               FLAGS.pseudo_label_margin),
       cross_class_negatives=FLAGS.cross_class_negatives,
       unverified_cross_class_negatives=FLAGS.unverified_cross_class_negatives,
+      class_separation=FLAGS.class_separation,
+      separation_classes=FLAGS.separation_classes,
       val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
