@@ -337,6 +337,42 @@ def class_separation_summary(class_embeddings, class_names):
           "coinciding_classes": coinciding}
 
 
+# TrainConfig fields a resumed run may change: how long it trains and how
+# often it reports, not what it trains.
+_RUN_LENGTH_FIELDS = ("steps", "eval_every", "checkpoint_every", "log_every",
+                      "keep_checkpoints")
+
+
+def run_settings(model_config, config):
+  """What a model directory's checkpoints depend on, as JSON-able values."""
+  train = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RUN_LENGTH_FIELDS}
+  return json.loads(json.dumps({"model": dict(model_config), "train": train},
+                                default=lambda v: v.item() if hasattr(v, "item") else list(v)))
+
+
+def check_run_settings(model_dir, settings):
+  """Records `settings` in <model_dir>/settings.json, or checks them against it.
+
+  A rerun resumes from the checkpoints in `model_dir`; resuming them with other
+  settings would mix two runs. Raises InputError naming the first differences.
+  """
+  path = os.path.join(model_dir, "settings.json")
+  if not os.path.exists(path):
+    data.atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True))
+    return
+  with open(path, encoding="utf-8") as stored_file:
+    stored = json.load(stored_file)
+  changed = [f"{name} {stored[part].get(name)!r} -> {value!r}"
+             for part in ("model", "train") for name, value in settings[part].items()
+             if stored.get(part, {}).get(name) != value]
+  changed += [f"{name} {value!r} -> unset" for part in ("model", "train")
+              for name, value in stored.get(part, {}).items() if name not in settings[part]]
+  if changed:
+    raise InputError(f"{model_dir} holds a run with other settings ({', '.join(changed[:3])}"
+                     f"{', ...' if len(changed) > 3 else ''}); delete it or pass another "
+                     "model directory")
+
+
 def _save_keras_atomically(model, path):
   temporary = path[:-len(".keras")] + ".tmp.keras"
   model.save(temporary)
@@ -364,6 +400,7 @@ class Trainer:
                config=TrainConfig(), strategy=None, val_info=None):
     self.config = config
     self.model_dir = model_dir
+    self.settings = run_settings(model_config, config)
     self.strategy = strategy or tf.distribute.get_strategy()
     self.train_info = train_info
     verified = data.load_arrays(train_info, verification="verified")
@@ -466,7 +503,16 @@ class Trainer:
   def train(self):
     """Trains to ``config.steps`` total steps, resuming if checkpoints exist."""
     config = self.config
-    restored = self.manager.restore_or_initialize()
+    if distribute.is_chief(self.strategy):
+      os.makedirs(self.model_dir, exist_ok=True)
+      check_run_settings(self.model_dir, self.settings)
+    try:
+      restored = self.manager.restore_or_initialize()
+    except (ValueError, tf.errors.OpError) as error:
+      # Checkpoints from before settings.json existed, or from another model.
+      raise InputError(f"{self.manager.directory}: cannot resume from these checkpoints "
+                       f"({str(error).splitlines()[0]}); delete them or pass another "
+                       "model directory") from None
     if restored:
       logging.info("Resumed from %s at step %d", restored, self.step)
     writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "tensorboard"))

@@ -234,3 +234,24 @@ def test_class_separation_summary_names_coinciding_classes(caplog):
   assert "cat and dog" in caplog.text
   apart = training.class_separation_summary(np.eye(3), ["cat", "dog", "ship"])
   assert apart["coinciding_classes"] == 0 and apart["closest_cosine"] == 0.0
+
+
+def test_a_rerun_with_other_settings_is_a_one_line_error(feature_set, tmp_path):
+  refs = reference_sets(feature_set)
+  training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path), config(steps=3)).train()
+  # Training longer resumes; training something else does not.
+  training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path), config(steps=6)).train()
+  other = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path),
+                           config(steps=6, class_separation=0.5))
+  with pytest.raises(InputError, match=r"other settings \(class_separation 3.0 -> 0.5\)"):
+    other.train()
+
+
+def test_checkpoints_of_another_model_are_a_one_line_error(feature_set, tmp_path):
+  refs = reference_sets(feature_set)
+  training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path), config(steps=3)).train()
+  os.remove(tmp_path / "settings.json")  # as written before settings.json existed
+  smaller = {**MODEL_CONFIG, "query_hidden_dim": 4}
+  with pytest.raises(InputError, match="cannot resume from these checkpoints") as error:
+    training.Trainer(smaller, refs, feature_set, str(tmp_path), config(steps=6)).train()
+  assert "\n" not in str(error.value)
