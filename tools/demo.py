@@ -29,7 +29,8 @@ from cleannet_tf import (data, demo_data, distribute, evaluation, losses, refere
 
 flags.DEFINE_string("work_dir", os.path.join("runs", "demo"),
                     "Where the demo writes features, reference sets and the model. "
-                    "A rerun resumes; delete it to start afresh.")
+                    "A rerun resumes; delete it to start afresh (needed after "
+                    "changing settings or upgrading the library).")
 flags.DEFINE_string("benchmarks_md", "",
                     "Markdown file whose --benchmarks_section is regenerated; empty: none.")
 flags.DEFINE_string("benchmarks_section", "demo", "Name of that section's markers.")
