@@ -3,9 +3,10 @@
 The loop follows the paper (Sec. 3.1) and the authors' release (DEFAULTS.md):
 each global batch holds verified queries and, by default as many, unverified
 queries drawn class-uniformly; Adam (or SGD with momentum, as the release), a
-step learning-rate decay and L2 weight decay; validation on held-out verified rows every ``eval_every``
-steps, keeping the best model by average per-class error, with the threshold
-delta chosen on those rows stored inside it.
+step learning-rate decay and L2 weight decay; validation of a moving average
+of the weights on held-out verified rows every ``eval_every`` steps, keeping
+the best model by average per-class error, with the threshold delta chosen on
+those rows stored inside it.
 
 Input batches are built on the host by one checkpointable ``tf.data``
 iterator and split among replicas by ``distribute_values_from_function``, so
@@ -35,6 +36,7 @@ from cleannet_tf.errors import InputError
 # "paper settings" runs.
 PAPER_SETTINGS = {"standardize_features": False, "optimizer": "sgd", "learning_rate": 0.01,
                   "beta": 0.1, "cross_class_negatives": 0.0, "class_separation": 0.0,
+                  "weight_averaging": 0.0,
                   "gamma": 0.1, "pseudo_label_margin": 0.1}
 
 
@@ -70,6 +72,14 @@ class TrainConfig:
   # there, and 3 the lowest validation error with every class verified.
   class_separation: float = 3.0
   separation_classes: int = 64
+  # Not in the paper: decay of an exponential moving average of the trainable
+  # weights (0 turns it off). Validation, model selection and the saved model
+  # use the average. On CIFAR-10N, runs differing only in seed moved the
+  # verified rows' error of classes without verification labels by 3 points,
+  # and model selection sometimes kept a model from the first few hundred
+  # steps; the average (0.998, against 0.99) was level or lower on the
+  # validation and held-out-class verified rows in 5 of 6 paired runs.
+  weight_averaging: float = 0.998
   loss: losses.LossWeights = losses.LossWeights()
   val_fraction: float = 0.2
   eval_every: int = 2_000
@@ -77,7 +87,16 @@ class TrainConfig:
   log_every: int = 100
   keep_checkpoints: int = 3
   shuffle_buffer: int = 10_000
+  # Seeds the weight initialisation, the batches' order and, unless
+  # split_seed is set, the split of verified rows into training and
+  # validation. Runs that differ only in seed, with split_seed fixed, show how
+  # much results vary from run to run on the same validation rows.
   seed: int = 0
+  split_seed: int | None = None
+
+  @property
+  def validation_split_seed(self):
+    return self.seed if self.split_seed is None else self.split_seed
 
   def batch_split(self, num_replicas):
     """(verified, unverified) queries per global batch, each divisible by replicas."""
@@ -412,7 +431,8 @@ class Trainer:
       self.val_rows = data.load_arrays(val_info, verification="verified")
       source = val_info.directory
     else:
-      train_idx, val_idx = split_verified(verified["class_id"], config.val_fraction, config.seed)
+      train_idx, val_idx = split_verified(verified["class_id"], config.val_fraction,
+                                          config.validation_split_seed)
       self.train_rows = {k: v[train_idx] for k, v in verified.items()}
       self.val_rows = {k: v[val_idx] for k, v in verified.items()}
       source = f"{train_info.directory} (held-out {config.val_fraction:.0%} of verified rows)"
@@ -429,6 +449,7 @@ class Trainer:
                                     num_unverified)
 
     with self.strategy.scope():
+      keras.utils.set_random_seed(config.seed)  # the initial weights
       self.model = model_lib.CleanNet(**model_config)
       self.model.set_reference_sets(references)
       set_feature_statistics(self.model, train_info)
@@ -443,18 +464,25 @@ class Trainer:
       # Built here, in the strategy's scope: building lazily inside the first
       # distributed step fails in replica context.
       self.optimizer.build(self.model.trainable_variables)
+      self.averaged_model = None
+      if config.weight_averaging:
+        self.averaged_model = model_lib.CleanNet(**model_config)
+        self.averaged_model.set_weights(self.model.get_weights())
       self.best_error = tf.Variable(np.inf, dtype=tf.float64, trainable=False)
       self.best_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
     self.iterator = iter(self.dataset)
+    tracked = {"averaged_model": self.averaged_model} if self.averaged_model is not None else {}
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, iterator=self.iterator,
-        best_error=self.best_error, best_step=self.best_step)
+        best_error=self.best_error, best_step=self.best_step, **tracked)
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, distribute.worker_directory(
             os.path.join(model_dir, "checkpoints"), self.strategy),
         max_to_keep=config.keep_checkpoints)
     self._train_step = tf.function(self._distributed_step)
-    self.scorer = scoring.Scorer(self.model)
+    # The model validated, selected and saved.
+    self.selected_model = self.model if self.averaged_model is None else self.averaged_model
+    self.scorer = scoring.Scorer(self.selected_model)
 
   @property
   def step(self):
@@ -493,7 +521,22 @@ class Trainer:
 
   def _distributed_step(self, batch):
     per_replica = self.strategy.run(self._replica_step, args=(batch,))
+    if self.averaged_model is not None:
+      self._update_average()
     return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+  def _update_average(self):
+    """One EMA step of the averaged weights (cross-replica context).
+
+    The decay warms up as min(d, (1 + t) / (10 + t)), as
+    ``tf.train.ExponentialMovingAverage`` with ``num_updates``, so the first
+    steps' random weights fade fast.
+    """
+    step = tf.cast(self.optimizer.iterations, tf.float32)
+    decay = tf.minimum(self.config.weight_averaging, (1.0 + step) / (10.0 + step))
+    for average, weight in zip(self.averaged_model.trainable_variables,
+                               self.model.trainable_variables):
+      average.assign(decay * average + (1.0 - decay) * weight)
 
   def train_steps(self, batches):
     """Runs one step per given global batch (for tests); returns the metrics."""
@@ -546,9 +589,9 @@ class Trainer:
         if result["avg_class_error"] <= self.best_error.numpy():
           self.best_error.assign(result["avg_class_error"])
           self.best_step.assign(step)
-          self.model.delta.assign(result["delta"])
+          self.selected_model.delta.assign(result["delta"])
           if chief:
-            _save_keras_atomically(self.model, best_path)
+            _save_keras_atomically(self.selected_model, best_path)
       if step % config.checkpoint_every == 0 or step == config.steps:
         self.manager.save(checkpoint_number=step)
     writer.flush()
@@ -556,7 +599,7 @@ class Trainer:
 
   def _finish(self, best_path, chief):
     if not chief:
-      return TrainResult(self.model, int(self.best_step.numpy()), {}, "")
+      return TrainResult(self.selected_model, int(self.best_step.numpy()), {}, "")
     best = keras.models.load_model(best_path)
     scorer = scoring.Scorer(best)
     best_metrics = evaluate(scorer, self.val_rows)

@@ -56,8 +56,10 @@ def weights_of(model):
   return [np.asarray(w) for w in model.trainable_weights]
 
 
-# The class separation penalty over all classes, and over a sample of them.
-@pytest.mark.parametrize("overrides", [{}, {"class_separation": 1.0, "separation_classes": 2}])
+# The class separation penalty over all classes, and over a sample of them;
+# the moving average of the weights.
+@pytest.mark.parametrize("overrides", [{}, {"class_separation": 1.0, "separation_classes": 2},
+                                       {"weight_averaging": 0.0}])
 def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path, two_cpu_strategy,
                                                     overrides):
   refs = reference_sets(feature_set)
@@ -68,12 +70,14 @@ def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path, two_c
                               config(**overrides), strategy=two_cpu_strategy)
   assert mirrored.strategy.num_replicas_in_sync == 2
   mirrored.model.set_weights(single.model.get_weights())
+  if single.averaged_model is not None:
+    mirrored.averaged_model.set_weights(single.averaged_model.get_weights())
   batches = [next(single.iterator) for _ in range(4)]
   single_metrics = single.train_steps(batches)
   mirrored_metrics = mirrored.train_steps(batches)
   for a, b in zip(single_metrics, mirrored_metrics):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
-  for a, b in zip(weights_of(single.model), weights_of(mirrored.model)):
+  for a, b in zip(weights_of(single.selected_model), weights_of(mirrored.selected_model)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert not np.allclose(weights_of(single.model)[0],
                          weights_of(training.Trainer(
@@ -81,14 +85,15 @@ def test_mirrored_strategy_matches_default_strategy(feature_set, tmp_path, two_c
                              config()).model)[0])
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_resume_matches_an_uninterrupted_run(feature_set, tmp_path, optimizer):
+@pytest.mark.parametrize("overrides", [{"optimizer": "sgd"}, {"optimizer": "adam"},
+                                       {"weight_averaging": 0.0}])
+def test_resume_matches_an_uninterrupted_run(feature_set, tmp_path, overrides):
   refs = reference_sets(feature_set)
 
   def run(directory, steps):
     keras.utils.set_random_seed(0)
     trainer = training.Trainer(MODEL_CONFIG, refs, feature_set, str(directory),
-                               config(steps=steps, optimizer=optimizer))
+                               config(steps=steps, **overrides))
     trainer.train()
     return trainer
 
@@ -96,8 +101,27 @@ def test_resume_matches_an_uninterrupted_run(feature_set, tmp_path, optimizer):
   resumed = run(tmp_path / "resumed", 6)
   straight = run(tmp_path / "straight", 6)
   assert resumed.step == straight.step == 6
-  for a, b in zip(weights_of(resumed.model), weights_of(straight.model)):
+  for a, b in zip(weights_of(resumed.selected_model), weights_of(straight.selected_model)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_averaging_is_an_exponential_moving_average_of_the_steps(feature_set, tmp_path):
+  keras.utils.set_random_seed(0)
+  decay = 0.5
+  trainer = training.Trainer(MODEL_CONFIG, reference_sets(feature_set), feature_set,
+                             str(tmp_path), config(weight_averaging=decay))
+  expected = weights_of(trainer.model)
+  for step in range(4):
+    trainer.train_steps([next(trainer.iterator)])
+    # Warm-up as tf.train.ExponentialMovingAverage: min(d, (1 + t) / (10 + t)),
+    # t the optimizer's step count after the update.
+    rate = min(decay, (2.0 + step) / (11.0 + step))
+    expected = [rate * e + (1.0 - rate) * w for e, w in zip(expected, weights_of(trainer.model))]
+  for got, want in zip(weights_of(trainer.averaged_model), expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(weights_of(trainer.averaged_model)[0], weights_of(trainer.model)[0])
+  # What is validated and saved is the average.
+  assert trainer.scorer.model is trainer.averaged_model
 
 
 def test_training_writes_a_keras_model_that_scores_alike_in_a_fresh_process(
@@ -255,3 +279,21 @@ def test_checkpoints_of_another_model_are_a_one_line_error(feature_set, tmp_path
   with pytest.raises(InputError, match="cannot resume from these checkpoints") as error:
     training.Trainer(smaller, refs, feature_set, str(tmp_path), config(steps=6)).train()
   assert "\n" not in str(error.value)
+
+
+def test_seed_sets_the_initial_weights_and_split_seed_keeps_the_validation_rows(
+    feature_set, tmp_path):
+  refs = reference_sets(feature_set)
+
+  def trainer(name, **overrides):
+    return training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / name),
+                            config(**overrides))
+
+  first, again = trainer("a", seed=0), trainer("b", seed=0)
+  other_seed = trainer("c", seed=1, split_seed=0)
+  other_split = trainer("d", seed=1)
+  for a, b in zip(weights_of(first.model), weights_of(again.model)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(weights_of(first.model)[0], weights_of(other_seed.model)[0])
+  assert list(other_seed.val_rows["key"]) == list(first.val_rows["key"])
+  assert list(other_split.val_rows["key"]) != list(first.val_rows["key"])

@@ -50,6 +50,9 @@ flags.DEFINE_string("out", None, "Output folder; default <run_dir>/detection_ben
 flags.DEFINE_integer("cleannet_steps", 3000,
                      "CleanNet training steps per run; unless given, --lr_decay_steps is "
                      "2/3 and --eval_every 1/12 of them.")
+flags.DEFINE_integer("cleannet_repeats", 1,
+                     "CleanNet full-supervision runs with seeds --seed, --seed+1, ... on the "
+                     "same validation split; more than one adds their mean and spread.")
 flags.DEFINE_list("transfer_n", ["3", "5", "7"],
                   "Numbers of classes whose verification labels are held out.")
 flags.DEFINE_integer("transfer_splits", 3, "Random class splits per n.")
@@ -80,6 +83,8 @@ ABLATIONS = {
                                  {"cross_class_negatives": 0.0}),
     "no_class_separation": ("without the class separation penalty",
                             {"class_separation": 0.0}),
+    "no_weight_averaging": ("the last step's weights, not their moving average",
+                            {"weight_averaging": 0.0}),
     "paper_pseudo_labels": ("the paper's Eq. 8 pseudo-labels (threshold rho, gamma 0.1)",
                             {"gamma": 0.1, "pseudo_label_margin": 0.1}),
     "unverified_negatives": ("plus unverified cross-class negatives",
@@ -230,8 +235,17 @@ def full_supervision(rows, truth, reference_sets, probabilities, info, out):
     results[name] = {**threshold_and_error(scores[name], class_ids, verification, val,
                                            evaluated, truth),
                      "seconds": seconds, "peak_rss_growth_mib": growth}
+  repeats = [results["CleanNet"]["error"]]
+  for repeat in range(1, FLAGS.cleannet_repeats):
+    logging.info("Detection benchmark: CleanNet, repeat %d", repeat)
+    repeat_scores = cleannet_scores(
+        info, reference_sets, os.path.join(out, f"cleannet-seed{FLAGS.seed + repeat}"),
+        rows["features"], class_ids, {"seed": FLAGS.seed + repeat, "split_seed": FLAGS.seed})
+    repeats.append(threshold_and_error(repeat_scores, class_ids, verification, val,
+                                       evaluated, truth)["error"])
   fallback = baselines.fallback_classes(problem)
-  return {"methods": results, "cleanlab_installed": baselines.cleanlab_available(),
+  return {"methods": results, "cleannet_repeat_errors": repeats,
+          "cleanlab_installed": baselines.cleanlab_available(),
           "supervised_fallback_classes": [info.class_names[c] for c in fallback],
           "num_train_verified": len(train), "num_val_verified": len(val),
           "num_evaluated": int(evaluated.sum())}, scores
@@ -383,6 +397,13 @@ def markdown(result):
   lines += [f"| {name} | {_percent(r['val_error'])} | {_percent(r['error'])} | "
             f"{r['delta']:.4g} | {r['seconds']:.1f} | {r['peak_rss_growth_mib']:.0f} MiB |"
             for name, r in full["methods"].items()]
+  repeats = full.get("cleannet_repeat_errors", [])
+  if len(repeats) > 1:
+    lines.append(f"\nCleanNet over {len(repeats)} runs with seeds {result['seed']}.."
+                 f"{result['seed'] + len(repeats) - 1} (same validation rows): error "
+                 f"{_percent(np.mean(repeats))} ± {_percent(np.std(repeats))} (min "
+                 f"{_percent(min(repeats))}, max {_percent(max(repeats))}); the table's "
+                 "row is the first run, on which transfer and ablation build.")
   if not full["cleanlab_installed"]:
     lines.append("\ncleanlab was not installed: its row is missing.")
   if full["supervised_fallback_classes"]:

@@ -57,6 +57,7 @@ LABEL_COLUMNS = ("worse_label", "aggre_label")
 # TensorFlow; a test keeps the two equal).
 PAPER_DEMO_ARGS = ("--standardize_features=false", "--optimizer=sgd", "--learning_rate=0.01",
                    "--beta=0.1", "--cross_class_negatives=0", "--class_separation=0",
+                   "--weight_averaging=0",
                    "--gamma=0.1", "--pseudo_label_margin=0.1")
 FIGURES_DIR = os.path.join("docs", "benchmarks")
 
@@ -79,6 +80,7 @@ flags.DEFINE_float("step1_epochs", 8.0, "Step-1 training epochs (tools.cifar10n_
 flags.DEFINE_integer("cleannet_steps", None,
                      "CleanNet steps of the detection and classification stages; unset: "
                      "each tool's default.")
+flags.DEFINE_integer("cleannet_repeats", 3, "tools.benchmark_detection --cleannet_repeats.")
 flags.DEFINE_list("transfer_n", ["0", "3", "5", "7"],
                   "tools.benchmark_detection --transfer_n.")
 flags.DEFINE_integer("transfer_splits", 3, "tools.benchmark_detection --transfer_splits.")
@@ -180,7 +182,7 @@ def plan(out, data_dir):
   features_extra = _extra_args("features", {"data", "out", "label_column", "epochs", "seed"})
   detection_extra = _extra_args("detection", {
       "run_dir", "clean_labels", "out", "benchmarks_md", "cleannet_steps", "transfer_n",
-      "transfer_splits", "seed", "ablations"})
+      "transfer_splits", "seed", "ablations", "cleannet_repeats"})
   ablations = [f"--ablations={','.join(FLAGS.ablations)}"] if FLAGS.ablations else []
   cleannet_steps = ([] if FLAGS.cleannet_steps is None
                     else [f"--cleannet_steps={FLAGS.cleannet_steps}"])
@@ -199,6 +201,7 @@ def plan(out, data_dir):
         [f"--run_dir={features}", f"--clean_labels={os.path.join(data_dir, 'train.csv')}",
          f"--out={path(name)}", *cleannet_steps, f"--transfer_n={','.join(FLAGS.transfer_n)}",
          f"--transfer_splits={FLAGS.transfer_splits}", *ablations, f"--seed={FLAGS.seed}",
+         f"--cleannet_repeats={FLAGS.cleannet_repeats}",
          *detection_extra, f"--benchmarks_md={os.path.join(sections, name + '.md')}"],
         path(name), result_file=path(name, "detection_benchmark.json"),
         section_file=os.path.join(sections, name + ".md"),
@@ -231,7 +234,7 @@ def benchmarks_command():
   """This module's command line with the flags that shape the numbers."""
   args = []
   for name in ("data", "out", "seed", "label_columns", "classification_label",
-               "step1_epochs", "cleannet_steps", "transfer_n", "transfer_splits",
+               "step1_epochs", "cleannet_steps", "cleannet_repeats", "transfer_n", "transfer_splits",
                "ablations", "finetune_steps", *(f"{stage}_args" for stage in STAGES)):
     flag = FLAGS[name]
     if name in ("data", "seed") or flag.value != flag.default:

@@ -55,6 +55,9 @@ flags.DEFINE_float("class_separation", _TRAIN.class_separation,
                    "embeddings (not in the paper; 0 turns it off).")
 flags.DEFINE_integer("separation_classes", _TRAIN.separation_classes,
                      "Classes sampled per step for --class_separation.")
+flags.DEFINE_float("weight_averaging", _TRAIN.weight_averaging,
+                   "Decay of the moving average of the weights that is validated and "
+                   "saved (0: the last step's weights).")
 flags.DEFINE_float("val_fraction", _TRAIN.val_fraction,
                    "Share of verified rows held out for validation (without --val_features).")
 flags.DEFINE_integer("eval_every", _TRAIN.eval_every, "Validate every this many steps.")
@@ -62,7 +65,11 @@ flags.DEFINE_integer("checkpoint_every", _TRAIN.checkpoint_every, "Checkpoint pe
 flags.DEFINE_integer("log_every", _TRAIN.log_every, "Progress/TensorBoard period.")
 flags.DEFINE_integer("shuffle_buffer", _TRAIN.shuffle_buffer,
                      "Shuffle buffer (rows) of the unverified stream.")
-flags.DEFINE_integer("seed", _TRAIN.seed, "Seed for splits, shuffling and initialisation.")
+flags.DEFINE_integer("seed", _TRAIN.seed, "Seed for initialisation, shuffling and, unless "
+                     "--split_seed is given, the validation split.")
+flags.DEFINE_integer("split_seed", _TRAIN.split_seed,
+                     "Seed of the validation split of verified rows; default --seed. Fix it "
+                     "and vary --seed to repeat a run on the same validation rows.")
 
 FLAGS = flags.FLAGS
 
@@ -78,6 +85,8 @@ for _name in ("cross_class_negatives", "unverified_cross_class_negatives"):
   flags.register_validator(_name, lambda v: 0.0 <= v <= 1.0, f"--{_name} must be in [0, 1]")
 flags.register_validator("class_separation", lambda v: v >= 0.0,
                          "--class_separation must be non-negative")
+flags.register_validator("weight_averaging", lambda v: 0.0 <= v < 1.0,
+                         "--weight_averaging must be in [0, 1)")
 flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
 
 
@@ -105,6 +114,7 @@ def train_config():
       unverified_cross_class_negatives=FLAGS.unverified_cross_class_negatives,
       class_separation=FLAGS.class_separation,
       separation_classes=FLAGS.separation_classes,
+      weight_averaging=FLAGS.weight_averaging,
       val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
-      shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
+      shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed, split_seed=FLAGS.split_seed)
