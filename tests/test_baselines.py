@@ -1,9 +1,12 @@
 """Tests of the detection baselines and the benchmark's markdown section."""
 
+import os
+
+from absl.testing import flagsaver
 import numpy as np
 import pytest
 
-from cleannet_tf import baselines, detection, training
+from cleannet_tf import baselines, data, detection, training
 from tools import benchmark_detection
 
 NUM_CLASSES = 3
@@ -122,19 +125,34 @@ def _detection_result():
                        "std": {"naive": 0.0, "CleanNet": 0.0}}},
       "ablation_transfer_n": 1,
       "ablation": {"defaults": {"description": "ours", "overrides": {}, "val_error": 0.2,
-                                "error": 0.25, "transfer": [0.3, 0.5]},
+                                "error": 0.25, "transfer": [0.3, 0.5],
+                                "held_out_verified": [0.1, 0.2]},
                    "paper": {"description": "theirs", "overrides": {"gamma": 0.1},
-                             "val_error": 0.3, "error": 0.35, "transfer": [0.6, 0.6]}}}
+                             "val_error": 0.3, "error": 0.35, "transfer": [0.6, 0.6],
+                             "held_out_verified": [0.4, 0.4]}}}
 
 
 def test_detection_markdown_has_every_table():
   text = benchmark_detection.markdown(_detection_result())
   assert "| naive | 20.00% | 25.00% | 0.1 | 1.0 | 3 MiB |" in text
   assert "| 0 | 40.00% ± 0.00% | 25.00% ± 0.00% |" in text
-  assert "| paper | theirs | gamma=0.1 | 30.00% | 35.00% | 60.00% ± 0.00% |" in text
-  assert "| defaults | ours | — | 20.00% | 25.00% | 40.00% ± 10.00% |" in text
+  assert ("| paper | theirs | gamma=0.1 | 30.00% | 40.00% ± 0.00% | 35.00% | "
+          "60.00% ± 0.00% |") in text
+  assert ("| defaults | ours | — | 20.00% | 15.00% ± 5.00% | 25.00% | "
+          "40.00% ± 10.00% |") in text
   assert "CleanNet over 3 runs with seeds 0..2 (same validation rows): error 25.00% ± 1.63% " \
          "(min 23.00%, max 27.00%)" in text
+
+
+def test_held_out_verified_error_uses_only_the_held_out_classes_verified_rows():
+  class_ids = np.array([0, 0, 0, 1, 1, 2, 2])
+  verification = np.array([1, 0, -1, 1, 0, 1, 0])
+  scores = np.array([0.9, 0.8, 0.0, 0.9, 0.1, 0.0, 0.9])
+  # Class 0: its l=0 row scores above delta (error 1/2); class 1 is right;
+  # class 2 is all wrong but not held out; the unverified row does not count.
+  error = benchmark_detection.held_out_verified_error(scores, class_ids, verification,
+                                                      np.array([0, 1]), 0.5)
+  assert error == pytest.approx(0.25)
 
 
 def test_every_ablation_is_a_valid_override():
@@ -149,3 +167,51 @@ def test_detection_section_is_named_after_the_label_column(tmp_path):
   assert benchmark_detection.section_name(str(tmp_path), "mine") == "mine"
   (tmp_path / "manifests.json").unlink()
   assert benchmark_detection.section_name(str(tmp_path)) == "detection"
+
+
+def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  num_rows, num_classes = 240, 4
+  class_ids = np.repeat(np.arange(num_classes), num_rows // num_classes)
+  truth = (rng.random(num_rows) < 0.7).astype(np.int64)
+  verification = np.where(rng.random(num_rows) < 0.4, truth, -1)
+  features = rng.normal(size=(num_rows, 3)).astype(np.float32)
+  features[:, 0] += truth  # informative but imperfect scores
+  keys = np.array([f"k{i}" for i in range(num_rows)])
+  info = data.write_features(str(tmp_path / "features"), keys, features, class_ids,
+                             verification, [f"c{c}" for c in range(num_classes)])
+  rows = {"key": keys, "features": features, "class_id": class_ids,
+          "verification": verification}
+  calls = []
+
+  def fake_cleannet_scores(masked_info, reference_sets, model_dir, row_features,
+                           row_class_ids, overrides=None):
+    calls.append((os.path.relpath(model_dir, tmp_path), overrides))
+    return row_features[:, 0].astype(np.float64)
+
+  monkeypatch.setattr(benchmark_detection, "cleannet_scores", fake_cleannet_scores)
+  scores = features[:, 0].astype(np.float64)
+  full_results = {"naive": {"error": 0.3}, "MLP": {"error": 0.2, "delta": 0.5},
+                  "CleanNet": {"error": 0.1, "val_error": 0.1}}
+  full_scores = {"naive": np.ones(num_rows), "MLP": scores}
+  with flagsaver.flagsaver():
+    benchmark_detection.FLAGS(["test", "--clean_labels=x", "--transfer_n=2",
+                               "--transfer_splits=2", "--ablations=dropout",
+                               "--ablation_transfer_n=2"])
+    report = benchmark_detection.transfer(rows, truth, None, full_scores, full_results,
+                                          info, str(tmp_path / "out"))
+    ablation = benchmark_detection.ablation(rows, truth, None, full_results, report, info,
+                                            str(tmp_path / "out"))
+    expected = []
+    for split in range(2):
+      held_out, masked, evaluated, val, _ = benchmark_detection.held_out_split(
+          rows, 2, split, info, str(tmp_path / "out"))
+      delta = benchmark_detection.threshold_and_error(scores, class_ids, masked, val,
+                                                      evaluated, truth)["delta"]
+      expected.append(benchmark_detection.held_out_verified_error(
+          scores, class_ids, verification, held_out, delta))
+  assert [run["cleannet_held_out_verified_error"] for run in report[2]["splits"]] == expected
+  assert ablation["defaults"]["held_out_verified"] == expected
+  assert ablation["dropout"]["held_out_verified"] == expected
+  assert ("out/transfer_n2_split1/cleannet-dropout", {"dropout": 0.2}) in calls
+  assert 0 < np.mean(expected) < 0.5
