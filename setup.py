@@ -19,6 +19,7 @@ setup(
         "keras>=3.3,<4",
         "numpy>=1.26,<3",
         "scikit-learn>=1.3,<2",
+        "scipy>=1.10,<2",  # also a dependency of scikit-learn
         "absl-py>=2.0,<3",
         # tf.summary needs it; tensorflow 2.21 no longer installs it.
         "tensorboard>=2.16,<3",

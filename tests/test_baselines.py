@@ -129,7 +129,10 @@ def _detection_result():
                                 "held_out_verified": [0.1, 0.2]},
                    "paper": {"description": "theirs", "overrides": {"gamma": 0.1},
                              "val_error": 0.3, "error": 0.35, "transfer": [0.6, 0.6],
-                             "held_out_verified": [0.4, 0.4]}}}
+                             "held_out_verified": [0.4, 0.4]},
+                   "dropout": {"description": "more", "overrides": {"dropout": 0.2},
+                               "val_error": 0.25, "error": 0.3, "transfer": [0.5, 0.5],
+                               "held_out_verified": [0.45, 0.45]}}}
 
 
 def test_detection_markdown_has_every_table():
@@ -140,6 +143,11 @@ def test_detection_markdown_has_every_table():
           "60.00% ± 0.00% |") in text
   assert ("| defaults | ours | — | 20.00% | 15.00% ± 5.00% | 25.00% | "
           "40.00% ± 10.00% |") in text
+  # Validation error ranks the variants as the evaluation error does; in
+  # transfer the verified column swaps paper and dropout: 1 - 6 * 2 / 24.
+  assert ("choosing among these 3 variants: Spearman rank correlation between the "
+          "verified and the evaluation column, full supervision 1.00, transfer n=1 "
+          "0.50.") in text
   assert "CleanNet over 3 runs with seeds 0..2 (same validation rows): error 25.00% ± 1.63% " \
          "(min 23.00%, max 27.00%)" in text
 

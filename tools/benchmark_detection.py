@@ -31,6 +31,7 @@ import time
 from absl import flags
 from absl import logging
 import numpy as np
+from scipy import stats
 
 from tools import cleannet_flags, common, markdown_sections
 from cleannet_tf import baselines, classifier, data, detection, images, references, scoring
@@ -407,6 +408,11 @@ def _percent(value):
   return f"{100 * value:.2f}%"
 
 
+def _rank_correlation(a, b):
+  """Spearman's rank correlation of two equally long sequences (ties averaged)."""
+  return float(stats.spearmanr(a, b).statistic)
+
+
 def _mean_and_std(values):
   return f"{_percent(np.mean(values))} ± {_percent(np.std(values))}" if values else "—"
 
@@ -466,12 +472,24 @@ def markdown(result):
               "| variant | CleanNet | changes | verified: val error | verified: held-out "
               f"classes n={n} | evaluation: error (unverified rows) | evaluation: transfer "
               f"n={n} |", "|---|---|---|---|---|---|---|"]
-
+    variants = result["ablation"].values()
     for name, r in result["ablation"].items():
       changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
       lines.append(f"| {name} | {r['description']} | {changes} | {_percent(r['val_error'])} | "
                    f"{_mean_and_std(r['held_out_verified'])} | "
                    f"{_percent(r['error'])} | {_mean_and_std(r['transfer'])} |")
+    if len(variants) >= 3:
+      full = _rank_correlation([r["val_error"] for r in variants],
+                               [r["error"] for r in variants])
+      agreement = [f"full supervision {full:.2f}"]
+      if all(r["transfer"] for r in variants):
+        held_out = _rank_correlation([np.mean(r["held_out_verified"]) for r in variants],
+                                     [np.mean(r["transfer"]) for r in variants])
+        agreement.append(f"transfer n={n} {held_out:.2f}")
+      lines.append(f"\nHow well the verified rows stand in for the evaluation rows when "
+                   f"choosing among these {len(variants)} variants: Spearman rank "
+                   "correlation between the verified and the evaluation column, "
+                   + ", ".join(agreement) + ".")
   return "\n".join(lines) + "\n"
 
 
