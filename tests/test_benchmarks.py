@@ -220,3 +220,20 @@ def test_paper_demo_args_are_the_papers_settings():
   result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=False)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_cost_total_says_when_it_leaves_out_earlier_runs():
+  # In a subprocess: tools.benchmarks' flags clash with other tools' in one process.
+  check = (
+      "from tools import benchmarks; "
+      "jobs = [benchmarks.Job(n, n, 'm', [], n) for n in ('a', 'b')]; "
+      "record = lambda resumed: {'seconds': 60.0, 'peak_rss_mib': 1.0, 'machine': 'x', "
+      "'resumed': resumed}; "
+      "fresh = benchmarks.cost_markdown(jobs, {'a': record(False), 'b': record(False)}); "
+      "assert '| all | 2.0 min |' in fresh, fresh; "
+      "mixed = benchmarks.cost_markdown(jobs, {'a': record(False), 'b': record(True)}); "
+      "assert '| b (resumed: work finished earlier not timed) |' in mixed, mixed; "
+      "assert '| all (resumed stages: their last run only) | 2.0 min |' in mixed, mixed")
+  result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]

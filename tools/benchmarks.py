@@ -425,7 +425,10 @@ def cost_markdown(jobs, records):
                  f"{_memory(record['peak_rss_mib'])} |"
                  + (f" {record['machine']} |" if len(machines) > 1 else ""))
   if done:
-    lines.append(f"| all | {_duration(sum(r['seconds'] for _, r in done))} | "
+    # A resumed stage's time is its last run's only, so then is the sum.
+    total = ("all (resumed stages: their last run only)"
+             if any(r["resumed"] for _, r in done) else "all")
+    lines.append(f"| {total} | {_duration(sum(r['seconds'] for _, r in done))} | "
                  f"{_memory(max(r['peak_rss_mib'] for _, r in done))} (largest) |"
                  + (" |" if len(machines) > 1 else ""))
   missing = [job.name for job in jobs if job.name not in records]
