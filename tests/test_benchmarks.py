@@ -209,21 +209,27 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   assert "needs features-worse_label" in error
 
 
+def assert_passes_in_a_fresh_process(check):
+  """Runs the Python statements `check`, which must exit 0.
+
+  In a subprocess: tools.benchmarks' flags clash with other tools' in one process.
+  """
+  result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_paper_demo_args_are_the_papers_settings():
-  # In a subprocess: tools.benchmarks' flags clash with other tools' in one process.
   check = ("from tools import benchmarks; from cleannet_tf import training; "
            "given = dict(a.removeprefix('--').split('=') for a in benchmarks.PAPER_DEMO_ARGS); "
            "parse = lambda v, like: v == 'true' if isinstance(like, bool) else type(like)(v); "
            "paper = training.PAPER_SETTINGS; "
            "assert given.keys() == paper.keys(), given; "
            "assert {k: parse(v, paper[k]) for k, v in given.items()} == paper, given")
-  result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                          check=False)
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert_passes_in_a_fresh_process(check)
 
 
 def test_cost_total_says_when_it_leaves_out_earlier_runs():
-  # In a subprocess: tools.benchmarks' flags clash with other tools' in one process.
   check = (
       "from tools import benchmarks; "
       "jobs = [benchmarks.Job(n, n, 'm', [], n) for n in ('a', 'b')]; "
@@ -234,6 +240,4 @@ def test_cost_total_says_when_it_leaves_out_earlier_runs():
       "mixed = benchmarks.cost_markdown(jobs, {'a': record(False), 'b': record(True)}); "
       "assert '| b (resumed: work finished earlier not timed) |' in mixed, mixed; "
       "assert '| all (resumed stages: their last run only) | 2.0 min |' in mixed, mixed")
-  result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                          check=False)
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert_passes_in_a_fresh_process(check)
