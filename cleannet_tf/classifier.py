@@ -24,6 +24,7 @@ dropped; with such rows a resumed run sees slightly different batches.)
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -173,6 +174,55 @@ def _load_initial_weights(model: keras.Model, path: str) -> None:
     raise InputError(f"--init_classifier: {path}: not a classifier of this "
                      f"backbone and number of classes ({str(e).splitlines()[0]})"
                      ) from e
+
+
+def reuse_finished(source_dir: str, model_dir: str,
+                   test_source: Optional[images.ImageSource] = None) -> dict:
+  """Copies another run's finished classifier into ``model_dir``; its summary.
+
+  For features from a network trained elsewhere (e.g. on other labels of the
+  same images): the copy is what ``ClassifierTrainer`` leaves, so every later
+  step reads ``model_dir`` as usual. The top-1 is measured again on
+  `test_source` (this run's test images), and the summary records
+  ``reused_from``. A rerun with the same source keeps the copy; a
+  ``model_dir`` trained here or copied from elsewhere is refused.
+  """
+  source_dir = os.path.abspath(source_dir)
+  summary_path = os.path.join(model_dir, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      summary = json.load(f)
+    if summary.get("reused_from") != source_dir:
+      raise InputError(f"{model_dir}: holds a classifier "
+                       + (f"copied from {summary['reused_from']}" if "reused_from" in summary
+                          else "trained there") + f", not {source_dir}'s; use another output")
+    return summary
+  needed = [CLASSIFIER_FILE, FEATURE_EXTRACTOR_FILE, "summary.json"]
+  missing = [name for name in needed if not os.path.isfile(os.path.join(source_dir, name))]
+  if missing:
+    raise InputError(f"{source_dir}: no {missing[0]}; not a finished classifier folder")
+  with open(os.path.join(source_dir, "summary.json"), encoding="utf-8") as f:
+    summary = {**json.load(f), "reused_from": source_dir}
+  model = keras.models.load_model(os.path.join(source_dir, CLASSIFIER_FILE), compile=False)
+  if test_source is not None:
+    if int(model.output_shape[-1]) != len(test_source.class_names):
+      raise InputError(f"{source_dir}: its classifier has {model.output_shape[-1]} classes, "
+                       f"{test_source.description} {len(test_source.class_names)}")
+    image_size = tuple(summary.get("config", {}).get("image_size", (32, 32)))
+    accuracy, count = evaluate_top1(model, test_source, image_size)
+    logging.info("test top-1 %.4f on %d images of %s (classifier of %s)", accuracy, count,
+                 test_source.description, source_dir)
+    summary.update(test_top1=accuracy, test_images=count)
+  os.makedirs(model_dir, exist_ok=True)
+  for name in needed[:2]:
+    temporary = os.path.join(model_dir, name + ".tmp")
+    shutil.copyfile(os.path.join(source_dir, name), temporary)
+    os.replace(temporary, os.path.join(model_dir, name))
+  temporary = summary_path + ".tmp"
+  with open(temporary, "w", encoding="utf-8") as out:
+    json.dump(summary, out, indent=2)
+  os.replace(temporary, summary_path)
+  return summary
 
 
 class ClassifierTrainer:

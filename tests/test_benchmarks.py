@@ -140,6 +140,11 @@ def test_demo_and_export_stages_write_their_sections_and_resume(tmp_path):
     (["--stages=demo", "--demo_args=--seed=2"], "error: --demo_args: --seed is set by"),
     (["--stages=classification", "--data={data}", "--label_columns=aggre_label"],
      "error: --classification_label:"),
+    (["--stages=demo", "--features_diagnostic=worse_label:clean_label"],
+     "error: --features_diagnostic: 'worse_label:clean_label' is not LABEL:OTHER"),
+    (["--stages=demo", "--features_diagnostic=aggre_label:worse_label",
+      "--label_columns=aggre_label"],
+     "error: --features_diagnostic: 'aggre_label:worse_label' needs both columns"),
 ])
 def test_bad_input_is_one_line(tmp_path, flags, expected):
   flags = [flag.format(data=tmp_path) for flag in flags]
@@ -207,6 +212,42 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
                                         f"--out={tmp_path / 'other'}",
                                         f"--benchmarks_md={md}", *TINY_CIFAR))
   assert "needs features-worse_label" in error
+
+
+def test_features_diagnostic_reuses_the_other_columns_step1(tmp_path):
+  data, md, out = tmp_path / "cifar10n", tmp_path / "BENCHMARKS.md", tmp_path / "out"
+  write_fake_cifar10n(data)
+  tiny = [flag for flag in TINY_CIFAR if not flag.startswith("--label_columns=")]
+  result = run_benchmarks("--stages=features", f"--data={data}", f"--out={out}",
+                          f"--benchmarks_md={md}", *tiny)
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = md.read_text(encoding="utf-8")
+  names = ["features-worse_label", "features-aggre_label",
+           "features-worse_label-step1_aggre_label"]
+  assert [text.index(f"<!-- {name}:begin -->") for name in names] == sorted(
+      text.index(f"<!-- {name}:begin -->") for name in names)
+  section = markdown_sections.extract_section(text, names[2])
+  step1 = out / "features-aggre_label" / "step1"
+  assert f"--label_column=worse_label" in section and f"--step1_from={step1}" in section
+  assert "25.00% of the 36 training images mislabeled" in section
+  assert f"Step 1 is not trained on them: the small ResNet of `{step1}`" in section
+  assert f"| step 1: reused from `{step1}`, test top-1 measured again |" in section
+  # The same network on the same test images: the same top-1 as where it was trained.
+  results = [json.loads((out / f"{name}.json").read_text(encoding="utf-8"))["result"]
+             for name in names]
+  assert results[2]["step1_test_top1"] == results[1]["step1_test_top1"]
+  assert results[2]["step1_from"] == str(step1) and results[1]["step1_from"] is None
+  # worse_label's labels and verification rows, aggre_label's network's features.
+  manifests = [(out / name / "train.csv").read_text(encoding="utf-8") for name in names]
+  assert manifests[2] == manifests[0] != manifests[1]
+  features = [np.load(out / name / "references.npz")["features"] for name in names]
+  assert not np.allclose(features[2], features[0])
+  # Without aggre_label among the columns the default pair is left out.
+  assert "step1_aggre_label" not in subprocess.run(
+      [sys.executable, "-c", "import sys; from absl import flags; from tools import benchmarks; "
+       "flags.FLAGS(['x', '--data=d', '--label_columns=worse_label']); "
+       "print([job.name for job in benchmarks.plan('o', 'd')])"],
+      capture_output=True, text=True, check=True).stdout
 
 
 def assert_passes_in_a_fresh_process(check):

@@ -9,6 +9,7 @@ import pytest
 
 from cleannet_tf import (backbones, classifier, data, extraction, images,
                          references, scoring, training)
+from cleannet_tf.errors import InputError
 from image_fixture import write_images
 
 
@@ -47,6 +48,27 @@ def test_images_to_scores_end_to_end(tmp_path, manifest):
                             train_config).train()
   summary = scoring.score_feature_set(result.model, info, str(tmp_path / "scores"))
   assert summary.rows == 30
+
+
+def test_a_finished_step1_is_reused_elsewhere_with_its_top1_measured_again(tmp_path,
+                                                                            manifest):
+  source = images.read_manifest(manifest)
+  config = classifier.ClassifierConfig(image_size=(16, 16), steps=2, global_batch_size=8)
+  trained = classifier.ClassifierTrainer(source, str(tmp_path / "a"), config).train()
+  assert "test_top1" not in trained
+  reused = classifier.reuse_finished(str(tmp_path / "a"), str(tmp_path / "b"), source)
+  assert reused["reused_from"] == str(tmp_path / "a") and reused["test_images"] == 30
+  for name in (classifier.CLASSIFIER_FILE, classifier.FEATURE_EXTRACTOR_FILE):
+    assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+  # A rerun keeps the copy; another source, or a folder trained there, is refused.
+  assert classifier.reuse_finished(str(tmp_path / "a"), str(tmp_path / "b")) == reused
+  with pytest.raises(InputError, match="copied from .*/a, not .*/c's"):
+    classifier.reuse_finished(str(tmp_path / "c"), str(tmp_path / "b"))
+  with pytest.raises(InputError, match="trained there"):
+    classifier.reuse_finished(str(tmp_path / "b"), str(tmp_path / "a"))
+  (tmp_path / "unfinished").mkdir()
+  with pytest.raises(InputError, match="unfinished: no classifier.keras; not a finished"):
+    classifier.reuse_finished(str(tmp_path / "unfinished"), str(tmp_path / "d"))
 
 
 def test_unreadable_images_go_to_rejects_and_nothing_else_is_lost(tmp_path, manifest):

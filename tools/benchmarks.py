@@ -14,6 +14,11 @@ wall time and peak resident memory are its own, with stdout and stderr in
   ``features-<label>``: step 1, feature extraction, reference sets);
 * detection: tools.benchmark_detection on each of those feature runs (job
   ``detection-<label>``);
+* the features diagnostic: for each --features_diagnostic pair LABEL:OTHER, a
+  features job ``features-LABEL-step1_OTHER`` (LABEL's noisy labels on the
+  features of OTHER's step-1 network, tools.cifar10n_features --step1_from)
+  and its detection job ``detection-LABEL-step1_OTHER`` (no ablations, one
+  CleanNet run): the same detection problem on better features;
 * classification: tools.cifar10n_classification on the feature run of
   --classification_label (its step 1, features and reference sets reused).
 
@@ -75,6 +80,12 @@ flags.DEFINE_list("label_columns", list(LABEL_COLUMNS),
                   "CIFAR-10N noisy label columns with a features and a detection job each.")
 flags.DEFINE_string("classification_label", "worse_label",
                     "Label column whose feature run the classification stage uses.")
+flags.DEFINE_list("features_diagnostic", ["worse_label:aggre_label"],
+                  "LABEL:OTHER pairs: the features and detection stages also run on LABEL's "
+                  "noisy labels with the features of OTHER's step-1 network (OTHER's labels "
+                  "are less noisy, so its features are better): what better features are "
+                  "worth. Both must be in --label_columns (the default pair is skipped "
+                  "otherwise). Empty: none.")
 flags.DEFINE_float("step1_epochs", 8.0, "Step-1 training epochs (tools.cifar10n_features "
                    "--epochs).")
 flags.DEFINE_integer("cleannet_steps", None,
@@ -147,6 +158,22 @@ def _extra_args(stage, reserved):
   return args
 
 
+def features_diagnostic_pairs():
+  """(label, other) pairs of --features_diagnostic to run: both in --label_columns."""
+  pairs = []
+  for entry in FLAGS.features_diagnostic:
+    label, _, other = entry.partition(":")
+    if label not in LABEL_COLUMNS or other not in LABEL_COLUMNS or label == other:
+      raise InputError(f"--features_diagnostic: {entry!r} is not LABEL:OTHER, two distinct "
+                       f"columns of: {', '.join(LABEL_COLUMNS)}")
+    if label in FLAGS.label_columns and other in FLAGS.label_columns:
+      pairs.append((label, other))
+    elif FLAGS["features_diagnostic"].present:
+      raise InputError(f"--features_diagnostic: {entry!r} needs both columns in "
+                       f"--label_columns ({','.join(FLAGS.label_columns)})")
+  return pairs
+
+
 def plan(out, data_dir):
   """Every job of every stage, in the order they run (and their sections appear).
 
@@ -179,38 +206,56 @@ def plan(out, data_dir):
       figure=(path("export", "export.png"), "Scoring throughput against batch size")))
   if not data_dir:
     return jobs
-  features_extra = _extra_args("features", {"data", "out", "label_column", "epochs", "seed"})
+  features_extra = _extra_args("features", {"data", "out", "label_column", "epochs", "seed",
+                                            "step1_from"})
   detection_extra = _extra_args("detection", {
       "run_dir", "clean_labels", "out", "benchmarks_md", "cleannet_steps", "transfer_n",
-      "transfer_splits", "seed", "ablations", "cleannet_repeats"})
+      "transfer_splits", "seed", "ablations", "cleannet_repeats", "section"})
   ablations = [f"--ablations={','.join(FLAGS.ablations)}"] if FLAGS.ablations else []
   cleannet_steps = ([] if FLAGS.cleannet_steps is None
                     else [f"--cleannet_steps={FLAGS.cleannet_steps}"])
-  for label in FLAGS.label_columns:
-    features, name = path(f"features-{label}"), f"detection-{label}"
-    jobs.append(Job(
-        f"features-{label}", "features", "tools.cifar10n_features",
+
+  def features_job(name, label, *extra, needs=()):
+    features = path(name)
+    return Job(
+        name, "features", "tools.cifar10n_features",
         [f"--data={data_dir}", f"--out={features}", f"--label_column={label}",
-         f"--epochs={FLAGS.step1_epochs:g}", f"--seed={FLAGS.seed}", *features_extra],
+         f"--epochs={FLAGS.step1_epochs:g}", f"--seed={FLAGS.seed}", *extra, *features_extra],
         features, parts=(("step 1", os.path.join(features, "step1", "summary.json")),
                          ("feature extraction",
                           os.path.join(features, "features", "all", "metadata.json")),
-                         ("reference sets", os.path.join(features, "references.npz")))))
-    jobs.append(Job(
+                         ("reference sets", os.path.join(features, "references.npz"))),
+        needs=needs)
+
+  def detection_job(name, features_job_name, caption, ablation_args, repeats, *extra):
+    return Job(
         name, "detection", "tools.benchmark_detection",
-        [f"--run_dir={features}", f"--clean_labels={os.path.join(data_dir, 'train.csv')}",
-         f"--out={path(name)}", *cleannet_steps, f"--transfer_n={','.join(FLAGS.transfer_n)}",
-         f"--transfer_splits={FLAGS.transfer_splits}", *ablations, f"--seed={FLAGS.seed}",
-         f"--cleannet_repeats={FLAGS.cleannet_repeats}",
-         *detection_extra, f"--benchmarks_md={os.path.join(sections, name + '.md')}"],
+        [f"--run_dir={path(features_job_name)}",
+         f"--clean_labels={os.path.join(data_dir, 'train.csv')}", f"--out={path(name)}",
+         *cleannet_steps, f"--transfer_n={','.join(FLAGS.transfer_n)}",
+         f"--transfer_splits={FLAGS.transfer_splits}", *ablation_args, f"--seed={FLAGS.seed}",
+         f"--cleannet_repeats={repeats}", *extra, *detection_extra,
+         f"--benchmarks_md={os.path.join(sections, name + '.md')}"],
         path(name), result_file=path(name, "detection_benchmark.json"),
         section_file=os.path.join(sections, name + ".md"),
         # tools.benchmark_detection named its section "detection" before it
         # named it per label column.
         sections=(name, "detection"),
-        figure=(path(name, "transfer.png"),
-                f"Transfer: error on held-out classes ({label})"),
-        needs=(f"features-{label}",)))
+        figure=(path(name, "transfer.png"), f"Transfer: error on held-out classes ({caption})"),
+        needs=(features_job_name,))
+
+  for label in FLAGS.label_columns:
+    jobs.append(features_job(f"features-{label}", label))
+    jobs.append(detection_job(f"detection-{label}", f"features-{label}", label, ablations,
+                              FLAGS.cleannet_repeats))
+  for label, other in features_diagnostic_pairs():
+    suffix = f"{label}-step1_{other}"
+    jobs.append(features_job(f"features-{suffix}", label,
+                             f"--step1_from={path(f'features-{other}', 'step1')}",
+                             needs=(f"features-{other}",)))
+    jobs.append(detection_job(f"detection-{suffix}", f"features-{suffix}",
+                              f"{label}, features of the {other} step 1", [], 1,
+                              f"--section=detection-{suffix}"))
   features = path(f"features-{FLAGS.classification_label}")
   optional = cleannet_steps + ([] if FLAGS.finetune_steps is None
                                 else [f"--finetune_steps={FLAGS.finetune_steps}"])
@@ -233,8 +278,8 @@ def plan(out, data_dir):
 def benchmarks_command():
   """This module's command line with the flags that shape the numbers."""
   args = []
-  for name in ("data", "out", "seed", "label_columns", "classification_label",
-               "step1_epochs", "cleannet_steps", "cleannet_repeats", "transfer_n", "transfer_splits",
+  for name in ("data", "out", "seed", "label_columns", "features_diagnostic",
+               "classification_label", "step1_epochs", "cleannet_steps", "cleannet_repeats", "transfer_n", "transfer_splits",
                "ablations", "finetune_steps", *(f"{stage}_args" for stage in STAGES)):
     flag = FLAGS[name]
     if name in ("data", "seed") or flag.value != flag.default:
@@ -358,7 +403,11 @@ def _percent(value):
 
 def features_markdown(job, result, epochs):
   """The section of a features job, from the JSON tools.cifar10n_features prints."""
-  label = job.name.removeprefix("features-")
+  label = next(arg.split("=", 1)[1] for arg in job.args
+               if arg.startswith("--label_column="))
+  # As the command gave it (the result has it absolute, which names this machine).
+  reused = result.get("step1_from") and next(
+      arg.split("=", 1)[1] for arg in job.args if arg.startswith("--step1_from="))
   skipped = set(result.get("finished_before", []))
   rows = result["feature_rows"]
   try:
@@ -371,12 +420,15 @@ def features_markdown(job, result, epochs):
   def timed(part, seconds, text):
     return "finished by an earlier run (not timed)" if part in skipped else text(seconds)
 
+  step1_row = (f"| step 1: reused from `{reused}`, test top-1 measured again | "
+               + timed("step 1", result["step1_seconds"], lambda s: f"{s:,.0f} s") + " | |"
+               if reused else
+               f"| step 1: training, {epochs:g} epochs | "
+               + timed("step 1", result["step1_seconds"], lambda s: f"{s:,.0f} s")
+               + " | " + timed("step 1", result["step1_seconds"],
+                               lambda s: f"{epochs * rows / s:,.0f} images/s") + " |")
   table = [
-      "| step | time | throughput |", "|---|---|---|",
-      f"| step 1: training, {epochs:g} epochs | "
-      + timed("step 1", result["step1_seconds"], lambda s: f"{s:,.0f} s")
-      + " | " + timed("step 1", result["step1_seconds"],
-                      lambda s: f"{epochs * rows / s:,.0f} images/s") + " |",
+      "| step | time | throughput |", "|---|---|---|", step1_row,
       f"| feature extraction, {rows:,} images | "
       + timed("feature extraction", result["extraction_seconds"], lambda s: f"{s:,.1f} s")
       + " | " + timed("feature extraction", result["extraction_seconds"],
@@ -384,12 +436,18 @@ def features_markdown(job, result, epochs):
       f"| K-means reference sets ({k} per class) | "
       + timed("reference sets", result["references_seconds_per_class"],
               lambda s: f"{s:,.1f} s per class") + " | |"]
+  step1 = (f"Step 1 is not trained on them: the small ResNet of `{reused}`, trained on "
+           "another label column of the same images, gives the features (a diagnostic of "
+           "what better features are worth, not a method: that network saw other labels "
+           "of these images). It reaches"
+           if reused else "Step 1, the small ResNet trained on them, reaches")
   lines = [
-      f"## CIFAR-10N features with `{label}` noisy labels",
+      f"## CIFAR-10N features with `{label}` noisy labels"
+      + (" from another step-1 network" if reused else ""),
       f"Command: `{job.command}` (seed {FLAGS.seed}).",
       f"Noisy labels `{label}`: {_percent(result['noise_rate'])} of the "
-      f"{rows:,} training images mislabeled. Step 1, the small ResNet trained on them, "
-      f"reaches test top-1 {_percent(result['step1_test_top1'])} on the clean test "
+      f"{rows:,} training images mislabeled. {step1} test top-1 "
+      f"{_percent(result['step1_test_top1'])} on the clean test "
       f"images; its {result['dim']}-d features of every training image "
       f"(`{result['features']}`) and the reference sets are the input of the detection "
       "section below.", "", *table]
@@ -513,6 +571,7 @@ def _check_inputs(stages):
   if unknown or len(set(FLAGS.label_columns)) != len(FLAGS.label_columns):
     raise InputError(f"--label_columns: {','.join(FLAGS.label_columns)!r} is not a list of "
                      f"distinct columns of: {', '.join(LABEL_COLUMNS)}")
+  features_diagnostic_pairs()
   if "classification" in stages and FLAGS.classification_label not in FLAGS.label_columns:
     raise InputError(f"--classification_label: {FLAGS.classification_label!r} is not "
                      "among --label_columns")

@@ -6,7 +6,9 @@ Runs, each step resuming or skipping what a previous run finished:
 1. manifests (tools.prepare_cifar10n): noisy labels = --label_column, with
    --verified_per_class verification labels per class;
 2. step 1: a small ResNet trained on the noisy labels for --epochs, with
-   its top-1 on the clean test set;
+   its top-1 on the clean test set; or, with --step1_from, another run's
+   finished step 1 (e.g. trained on another label column of the same images)
+   copied and measured on the test set, to see what better features are worth;
 3. feature extraction of the training images into <out>/features/all;
 4. K-means reference sets into <out>/references.npz.
 Then: python -m tools.train_cleannet --train_features=<out>/features/all \
@@ -27,6 +29,10 @@ flags.DEFINE_integer("batch_size", 128, "Step-1 batch size.")
 flags.DEFINE_float("learning_rate", 0.1, "Step-1 initial learning rate.")
 flags.DEFINE_integer("num_references", 50, "K: references per class.")
 flags.DEFINE_integer("extract_batch_size", 512, "Images per extraction batch.")
+flags.DEFINE_string("step1_from", None,
+                    "A finished step1/ folder of another run whose network gives the "
+                    "features, instead of training one on these labels (a diagnostic: "
+                    "features of a network trained on other labels of the same images).")
 FLAGS = flags.FLAGS
 
 
@@ -45,7 +51,10 @@ def main(_):
       image_size=(32, 32), steps=steps, global_batch_size=FLAGS.batch_size,
       learning_rate=FLAGS.learning_rate, seed=FLAGS.seed)
   step1_dir = os.path.join(out, "step1")
-  step1 = classifier.ClassifierTrainer(train, step1_dir, config).train(test)
+  if FLAGS.step1_from:
+    step1 = classifier.reuse_finished(FLAGS.step1_from, step1_dir, test)
+  else:
+    step1 = classifier.ClassifierTrainer(train, step1_dir, config).train(test)
   timings["step1_seconds"] = time.time() - started
 
   started = time.time()
@@ -65,7 +74,8 @@ def main(_):
       "step1_test_top1": step1.get("test_top1"), "features": info.directory,
       "feature_rows": info.num_rows, "dim": info.dim,
       "references": os.path.join(out, "references.npz"),
-      "noise_rate": manifests["noise_rate"], **timings}, indent=2))
+      "noise_rate": manifests["noise_rate"], "step1_from": step1.get("reused_from"),
+      **timings}, indent=2))
 
 
 def run():
