@@ -324,16 +324,27 @@ class CleanNet(keras.Model):
     mask = ops.arange(self.num_references, dtype="int32")[None, :] < counts[:, None]
     return self.reference_encoder(references, mask, training=training)
 
-  def call(self, inputs, training=False):
+  def call(self, inputs, training=False, class_embeddings=None):
+    """Scores each query against its noisy class (the dict above).
+
+    Args:
+      inputs: {"features": float [B, D], "class_id": int [B]}.
+      class_embeddings: optional float [L, E], every class's embedding already
+        encoded in this step (training computes them for the class separation
+        penalty); the batch's are taken from it instead of encoded again.
+    """
     features = self.normalize(inputs["features"])
     class_id = ops.cast(inputs["class_id"], "int32")
     query_embedding, reconstruction = self.query_encoder(features)
-    # A batch holds far fewer classes than queries (at most L): encode each
-    # class's K references once and share the embedding among its queries.
-    # With K=50 references the reference MLP is most of a step's compute.
-    classes, position = tf.unique(class_id)
-    class_embedding = ops.take(self._encode_references(classes, training)[0], position,
-                               axis=0)
+    if class_embeddings is not None:
+      class_embedding = ops.take(class_embeddings, class_id, axis=0)
+    else:
+      # A batch holds far fewer classes than queries (at most L): encode each
+      # class's K references once and share the embedding among its queries.
+      # With K=50 references the reference MLP is most of a step's compute.
+      classes, position = tf.unique(class_id)
+      class_embedding = ops.take(self._encode_references(classes, training)[0], position,
+                                 axis=0)
     return {
         "score": cosine_similarity(query_embedding, class_embedding),
         "query_embedding": query_embedding,

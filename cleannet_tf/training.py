@@ -490,8 +490,17 @@ class Trainer:
 
   def _replica_step(self, batch):
     config = self.config
+    # The separation penalty over every class encodes every reference set,
+    # the batch's classes among them: encode them once (the reference MLP is
+    # most of a step's compute).
+    every_class = (config.class_separation
+                   and self.model.num_classes <= config.separation_classes)
     with tf.GradientTape() as tape:
-      outputs = self.model(batch, training=True)
+      if every_class:
+        embeddings, _ = self.model.class_embeddings(training=True)
+        outputs = self.model(batch, training=True, class_embeddings=embeddings)
+      else:
+        outputs = self.model(batch, training=True)
       per_query = losses.total_loss(outputs, batch["verification"], config.loss)
       loss = tf.nn.compute_average_loss(per_query["total"],
                                         global_batch_size=config.global_batch_size)
@@ -499,7 +508,9 @@ class Trainer:
           [tf.reduce_sum(tf.square(v)) for v in _decayed_variables(self.model)])
       loss += tf.nn.scale_regularization_loss(decay)
       if config.class_separation:
-        embeddings, _ = self.model.class_embeddings(self._separation_classes(), training=True)
+        if not every_class:
+          embeddings, _ = self.model.class_embeddings(self._separation_classes(),
+                                                      training=True)
         loss += tf.nn.scale_regularization_loss(
             config.class_separation * losses.class_separation_loss(embeddings))
     gradients = tape.gradient(loss, self.model.trainable_variables)
@@ -510,13 +521,13 @@ class Trainer:
     return metrics
 
   def _separation_classes(self):
-    """The classes of this step's separation penalty, the same on every replica."""
-    num_classes = self.model.num_classes
-    if num_classes <= self.config.separation_classes:
-      return tf.range(num_classes)
+    """The classes of this step's separation penalty when L > ``separation_classes``.
+
+    A random sample of ``separation_classes`` classes, the same on every replica.
+    """
     seed = tf.stack([tf.constant(self.config.seed + 5, tf.int64),
                      tf.cast(self.optimizer.iterations, tf.int64)])
-    order = tf.argsort(tf.random.stateless_uniform([num_classes], seed=seed))
+    order = tf.argsort(tf.random.stateless_uniform([self.model.num_classes], seed=seed))
     return order[:self.config.separation_classes]
 
   def _distributed_step(self, batch):

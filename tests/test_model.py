@@ -104,6 +104,24 @@ def test_scoring_with_precomputed_class_embeddings_matches_call():
       model(batch)["score"], rtol=1e-5, atol=1e-6)
 
 
+def test_call_with_every_class_embedding_matches_encoding_the_batch_classes():
+  import tensorflow as tf
+  model = small_model()
+  batch = queries()
+  with tf.GradientTape(persistent=True) as tape:
+    encoded = model(batch, training=True)
+    embeddings, _ = model.class_embeddings(training=True)
+    given = model(batch, training=True, class_embeddings=embeddings)
+    encoded_sum, given_sum = tf.reduce_sum(encoded["score"]), tf.reduce_sum(given["score"])
+  np.testing.assert_allclose(given["score"], encoded["score"], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(given["class_embedding"], encoded["class_embedding"], atol=1e-7)
+  for a, b in zip(tape.gradient(encoded_sum, model.trainable_variables),
+                  tape.gradient(given_sum, model.trainable_variables)):
+    assert (a is None) == (b is None)  # None: the decoder, which the score does not use
+    if a is not None:
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
 def test_keras_file_round_trips_in_a_fresh_process(tmp_path):
   model = small_model()
   model.delta.assign(0.25)
