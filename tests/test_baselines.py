@@ -1,12 +1,15 @@
 """Tests of the detection baselines and the benchmark's markdown section."""
 
+import dataclasses
+import json
 import os
 
 from absl.testing import flagsaver
 import numpy as np
 import pytest
 
-from cleannet_tf import baselines, data, detection, training
+from cleannet_tf import baselines, data, detection, references, training
+from cleannet_tf.errors import InputError
 from tools import benchmark_detection
 
 NUM_CLASSES = 3
@@ -177,9 +180,9 @@ def test_detection_section_is_named_after_the_label_column(tmp_path):
   assert benchmark_detection.section_name(str(tmp_path)) == "detection"
 
 
-def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeypatch):
+def _benchmark_rows(tmp_path, num_rows=240, num_classes=4):
+  """(rows, truth, feature set) of a small detection problem written to `tmp_path`."""
   rng = np.random.default_rng(0)
-  num_rows, num_classes = 240, 4
   class_ids = np.repeat(np.arange(num_classes), num_rows // num_classes)
   truth = (rng.random(num_rows) < 0.7).astype(np.int64)
   verification = np.where(rng.random(num_rows) < 0.4, truth, -1)
@@ -190,18 +193,30 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
                              verification, [f"c{c}" for c in range(num_classes)])
   rows = {"key": keys, "features": features, "class_id": class_ids,
           "verification": verification}
+  return rows, truth, info
+
+
+def _record_cleannet_calls(monkeypatch):
+  """Replaces CleanNet training by its first feature; returns the calls' list."""
   calls = []
 
   def fake_cleannet_scores(masked_info, reference_sets, model_dir, row_features,
                            row_class_ids, overrides=None):
-    calls.append((os.path.relpath(model_dir, tmp_path), overrides))
+    calls.append((model_dir, masked_info.directory, overrides))
     return row_features[:, 0].astype(np.float64)
 
   monkeypatch.setattr(benchmark_detection, "cleannet_scores", fake_cleannet_scores)
+  return calls
+
+
+def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeypatch):
+  rows, truth, info = _benchmark_rows(tmp_path)
+  class_ids, verification, features = rows["class_id"], rows["verification"], rows["features"]
+  calls = _record_cleannet_calls(monkeypatch)
   scores = features[:, 0].astype(np.float64)
   full_results = {"naive": {"error": 0.3}, "MLP": {"error": 0.2, "delta": 0.5},
                   "CleanNet": {"error": 0.1, "val_error": 0.1}}
-  full_scores = {"naive": np.ones(num_rows), "MLP": scores}
+  full_scores = {"naive": np.ones(len(truth)), "MLP": scores}
   with flagsaver.flagsaver():
     benchmark_detection.FLAGS(["test", "--clean_labels=x", "--transfer_n=2",
                                "--transfer_splits=2", "--ablations=dropout",
@@ -221,5 +236,64 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
   assert [run["cleannet_held_out_verified_error"] for run in report[2]["splits"]] == expected
   assert ablation["defaults"]["held_out_verified"] == expected
   assert ablation["dropout"]["held_out_verified"] == expected
-  assert ("out/transfer_n2_split1/cleannet-dropout", {"dropout": 0.2}) in calls
+  assert (str(tmp_path / "out/transfer_n2_split1/cleannet-dropout"), {"dropout": 0.2}) in [
+      (model_dir, overrides) for model_dir, _, overrides in calls]
   assert 0 < np.mean(expected) < 0.5
+
+
+def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(tmp_path, monkeypatch):
+  rows, truth, info = _benchmark_rows(tmp_path)
+  reference_sets = references.build_kmeans_references(rows["features"], rows["class_id"],
+                                                      info.num_classes, k=2, seed=0)
+  calls = _record_cleannet_calls(monkeypatch)
+  out = str(tmp_path / "out")
+  probabilities = np.random.default_rng(1).random((len(truth), info.num_classes))
+  with flagsaver.flagsaver():
+    benchmark_detection.FLAGS(["test", "--clean_labels=x", "--transfer_n=0,2",
+                               "--transfer_splits=2", "--ablations=dropout,sgd",
+                               "--ablation_transfer_n=2", "--cleannet_repeats=2",
+                               "--cleannet_steps=6"])
+    full, scores = benchmark_detection.full_supervision(
+        rows, truth, reference_sets, lambda: probabilities, info, out)
+    report = benchmark_detection.transfer(rows, truth, reference_sets, scores,
+                                          full["methods"], info, out)
+    benchmark_detection.ablation(rows, truth, reference_sets, full["methods"], report, info,
+                                 out)
+    planned = benchmark_detection.cleannet_runs(rows, reference_sets, info, out)
+    trained = {model_dir: (features_dir, benchmark_detection.cleannet_settings(
+        data.read_info(features_dir), reference_sets, overrides))
+               for model_dir, features_dir, overrides in calls}
+  # The timed full-supervision run trains in the table, alone.
+  assert trained.pop(os.path.join(out, "cleannet"))[0] == info.directory
+  # 1 repeat, 2 transfer splits, 2 ablations x (full + 2 splits).
+  assert len(planned) == len(trained) == 9
+  for run in planned:
+    features_dir, (model_config, config) = trained[run.model_dir]
+    assert (run.features_dir, run.model_config, run.config) == (features_dir, model_config,
+                                                                 config)
+  assert {run.config.seed for run in planned} == {0, 1}
+  assert {run.model_config["dropout"] for run in planned} == {0.0, 0.2}
+
+
+def test_train_in_processes_trains_each_run_once_and_raises_failures(tmp_path):
+  rows, _, info = _benchmark_rows(tmp_path)
+  reference_sets = references.build_kmeans_references(rows["features"], rows["class_id"],
+                                                      info.num_classes, k=2, seed=0)
+  model_config = dict(num_classes=info.num_classes, num_references=2, feature_dim=3,
+                      query_hidden_dim=4, embedding_dim=4, reference_hidden_dims=(4, 4),
+                      attention_dim=4)
+  config = training.TrainConfig(steps=4, global_batch_size=8, eval_every=2,
+                                checkpoint_every=2, log_every=2, shuffle_buffer=16)
+  runs = [training.TrainingRun(model_config, reference_sets, info.directory,
+                               str(tmp_path / f"run{seed}"),
+                               dataclasses.replace(config, seed=seed)) for seed in range(3)]
+  training.train_in_processes(runs, workers=2)
+  summaries = [tmp_path / f"run{seed}" / "summary.json" for seed in range(3)]
+  finished = [path.stat().st_mtime_ns for path in summaries]
+  assert [json.loads(path.read_text())["config"]["seed"] for path in summaries] == [0, 1, 2]
+  # Finished runs are skipped; a failing run's error reaches the caller.
+  broken = dataclasses.replace(runs[0], features_dir=str(tmp_path / "missing"),
+                               model_dir=str(tmp_path / "broken"))
+  with pytest.raises(InputError, match="missing"):
+    training.train_in_processes(runs + [broken, broken], workers=2)
+  assert [path.stat().st_mtime_ns for path in summaries] == finished

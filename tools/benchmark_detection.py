@@ -66,6 +66,10 @@ flags.DEFINE_list("ablations", [],
                   "CleanNet variants (names in ABLATIONS, or 'all') also trained on "
                   "full supervision and on transfer with --ablation_transfer_n held out.")
 flags.DEFINE_integer("ablation_transfer_n", 5, "Classes held out in the ablation's transfer.")
+flags.DEFINE_integer("cleannet_workers", 1,
+                     "CleanNet runs of the repeats, transfer and ablations trained at once, "
+                     "each in its own process (training.train_in_processes) before the "
+                     "tables are computed; the timed full-supervision run trains alone.")
 flags.mark_flags_as_required(["clean_labels"])
 FLAGS = flags.FLAGS
 
@@ -203,11 +207,11 @@ def held_out_verified_error(scores, class_ids, verification, held_out, delta):
                                            detection.decisions(scores[rows], delta))
 
 
-def cleannet_scores(info, reference_sets, model_dir, features, class_ids, overrides=None):
-  """Trains CleanNet on `info` (resuming in `model_dir`) and scores every row.
+def cleannet_settings(info, reference_sets, overrides=None):
+  """(model config, TrainConfig) of a CleanNet run on `info`: the flags'.
 
-  `overrides` {setting: value} changes the flags' model and training settings
-  (``training.with_overrides``), for ablations.
+  `overrides` {setting: value} changes them (``training.with_overrides``), for
+  ablations and repeats.
   """
   model_config = cleannet_flags.model_config(info.num_classes, info.dim)
   model_config["num_references"] = reference_sets.k
@@ -218,9 +222,68 @@ def cleannet_scores(info, reference_sets, model_dir, features, class_ids, overri
     config = dataclasses.replace(config, lr_decay_steps=max(1, FLAGS.cleannet_steps * 2 // 3))
   if not FLAGS["eval_every"].present:
     config = dataclasses.replace(config, eval_every=max(1, FLAGS.cleannet_steps // 12))
-  model_config, config = training.with_overrides(model_config, config, overrides or {})
+  return training.with_overrides(model_config, config, overrides or {})
+
+
+def cleannet_scores(info, reference_sets, model_dir, features, class_ids, overrides=None):
+  """Trains CleanNet on `info` (resuming in `model_dir`) and scores every row."""
+  model_config, config = cleannet_settings(info, reference_sets, overrides)
   result = training.Trainer(model_config, reference_sets, info, model_dir, config).train()
   return scoring.Scorer(result.model).score(features, class_ids).astype(np.float64)
+
+
+def repeat_run(out, repeat):
+  """(model directory, overrides) of full-supervision repeat `repeat` (1, 2, ...)."""
+  return (os.path.join(out, f"cleannet-seed{FLAGS.seed + repeat}"),
+          {"seed": FLAGS.seed + repeat, "split_seed": FLAGS.seed})
+
+
+def ablation_model_dir(out, variant):
+  """Model directory of ablation `variant` with full supervision."""
+  return os.path.join(out, f"cleannet-{_slug(variant)}")
+
+
+def transfer_model_dir(out, n, split, variant=None):
+  """Model directory of CleanNet (or ablation `variant`) with split `split` of n held out."""
+  return os.path.join(out, f"transfer_n{n}_split{split}",
+                      f"cleannet-{_slug(variant)}" if variant else "cleannet")
+
+
+def ablation_variants():
+  """--ablations as {name: (description, overrides)}."""
+  names = list(ABLATIONS) if FLAGS.ablations == ["all"] else FLAGS.ablations
+  unknown = sorted(set(names) - set(ABLATIONS))
+  if unknown:
+    raise InputError(f"--ablations: unknown variant {unknown[0]!r}; known: "
+                     + ", ".join(ABLATIONS))
+  return {name: ABLATIONS[name] for name in names}
+
+
+def cleannet_runs(rows, reference_sets, info, out):
+  """Every CleanNet run of the repeats, transfer and ablations, as training.TrainingRun.
+
+  The runs that ``full_supervision``, ``transfer`` and ``ablation`` train (the
+  same model directories and settings), apart from the timed
+  full-supervision run; trained beforehand by ``training.train_in_processes``,
+  they find their models finished.
+  """
+  planned = [(info, *repeat_run(out, repeat)) for repeat in range(1, FLAGS.cleannet_repeats)]
+  for n in map(int, FLAGS.transfer_n):
+    for split in range(FLAGS.transfer_splits if n else 0):
+      masked_info = held_out_split(rows, n, split, info, out)[-1]
+      planned.append((masked_info, transfer_model_dir(out, n, split), None))
+  n = FLAGS.ablation_transfer_n
+  for name, (_, overrides) in ablation_variants().items():
+    planned.append((info, ablation_model_dir(out, name), overrides))
+    for split in range(FLAGS.transfer_splits if n else 0):
+      masked_info = held_out_split(rows, n, split, info, out)[-1]
+      planned.append((masked_info, transfer_model_dir(out, n, split, name), overrides))
+  runs = []
+  for run_info, model_dir, overrides in planned:
+    model_config, config = cleannet_settings(run_info, reference_sets, overrides)
+    runs.append(training.TrainingRun(model_config, reference_sets, run_info.directory,
+                                     model_dir, config))
+  return runs
 
 
 def full_supervision(rows, truth, reference_sets, probabilities, info, out):
@@ -257,9 +320,9 @@ def full_supervision(rows, truth, reference_sets, probabilities, info, out):
   repeats = [results["CleanNet"]["error"]]
   for repeat in range(1, FLAGS.cleannet_repeats):
     logging.info("Detection benchmark: CleanNet, repeat %d", repeat)
-    repeat_scores = cleannet_scores(
-        info, reference_sets, os.path.join(out, f"cleannet-seed{FLAGS.seed + repeat}"),
-        rows["features"], class_ids, {"seed": FLAGS.seed + repeat, "split_seed": FLAGS.seed})
+    model_dir, overrides = repeat_run(out, repeat)
+    repeat_scores = cleannet_scores(info, reference_sets, model_dir, rows["features"],
+                                    class_ids, overrides)
     repeats.append(threshold_and_error(repeat_scores, class_ids, verification, val,
                                        evaluated, truth)["error"])
   fallback = baselines.fallback_classes(problem)
@@ -321,8 +384,7 @@ def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
           class_ids[evaluated], truth[evaluated],
           detection.decisions(full_scores["MLP"][evaluated],
                               full_results["MLP"]["delta"]))
-      scores = cleannet_scores(masked_info, reference_sets,
-                               os.path.join(out, f"transfer_n{n}_split{split}", "cleannet"),
+      scores = cleannet_scores(masked_info, reference_sets, transfer_model_dir(out, n, split),
                                rows["features"], class_ids)
       cleannet = threshold_and_error(scores, class_ids, masked, val, evaluated, truth)
       errors["CleanNet"] = cleannet["error"]
@@ -344,11 +406,6 @@ def ablation(rows, truth, reference_sets, full_results, transfer_report, info, o
   --ablation_transfer_n classes held out over the same --transfer_splits
   splits; the first row is the run with the flags as given (shipped defaults).
   """
-  names = list(ABLATIONS) if FLAGS.ablations == ["all"] else FLAGS.ablations
-  unknown = sorted(set(names) - set(ABLATIONS))
-  if unknown:
-    raise InputError(f"--ablations: unknown variant {unknown[0]!r}; known: "
-                     + ", ".join(ABLATIONS))
   class_ids, verification = rows["class_id"], rows["verification"]
   _, val = verified_split(verification, class_ids, FLAGS.seed)
   n = FLAGS.ablation_transfer_n
@@ -360,11 +417,9 @@ def ablation(rows, truth, reference_sets, full_results, transfer_report, info, o
       "transfer": [run["errors"]["CleanNet"] for run in transfer_runs],
       "held_out_verified": [run["cleannet_held_out_verified_error"]
                             for run in transfer_runs]}}
-  for name in names:
-    description, overrides = ABLATIONS[name]
-    slug = _slug(name)
+  for name, (description, overrides) in ablation_variants().items():
     logging.info("Ablation: %s %s", name, overrides)
-    scores = cleannet_scores(info, reference_sets, os.path.join(out, f"cleannet-{slug}"),
+    scores = cleannet_scores(info, reference_sets, ablation_model_dir(out, name),
                              rows["features"], class_ids, overrides)
     full = threshold_and_error(scores, class_ids, verification, val, verification < 0,
                                truth)
@@ -372,10 +427,9 @@ def ablation(rows, truth, reference_sets, full_results, transfer_report, info, o
     for split in range(FLAGS.transfer_splits if n else 0):
       held_out, masked, evaluated, split_val, masked_info = held_out_split(
           rows, n, split, info, out)
-      scores = cleannet_scores(
-          masked_info, reference_sets,
-          os.path.join(out, f"transfer_n{n}_split{split}", f"cleannet-{slug}"),
-          rows["features"], class_ids, overrides)
+      scores = cleannet_scores(masked_info, reference_sets,
+                               transfer_model_dir(out, n, split, name), rows["features"],
+                               class_ids, overrides)
       split_result = threshold_and_error(scores, class_ids, masked, split_val, evaluated,
                                          truth)
       errors.append(split_result["error"])
@@ -528,6 +582,10 @@ def main(_):
 
   def probabilities():
     return cnn_probabilities(classifier_path, manifest, info.class_names, keys)
+
+  if FLAGS.cleannet_workers > 1:
+    training.train_in_processes(cleannet_runs(rows, reference_sets, info, out),
+                                FLAGS.cleannet_workers)
 
   full, scores = full_supervision(rows, truth, reference_sets, probabilities, info, out)
   result = {

@@ -92,6 +92,10 @@ flags.DEFINE_integer("cleannet_steps", None,
                      "CleanNet steps of the detection and classification stages; unset: "
                      "each tool's default.")
 flags.DEFINE_integer("cleannet_repeats", 3, "tools.benchmark_detection --cleannet_repeats.")
+flags.DEFINE_integer("cleannet_workers", 2,
+                     "tools.benchmark_detection --cleannet_workers: CleanNet runs trained at "
+                     "once (on 2 CPU cores two finish sooner than one after another; on a "
+                     "GPU, 1).")
 flags.DEFINE_list("transfer_n", ["0", "3", "5", "7"],
                   "tools.benchmark_detection --transfer_n.")
 flags.DEFINE_integer("transfer_splits", 3, "tools.benchmark_detection --transfer_splits.")
@@ -210,7 +214,8 @@ def plan(out, data_dir):
                                             "step1_from"})
   detection_extra = _extra_args("detection", {
       "run_dir", "clean_labels", "out", "benchmarks_md", "cleannet_steps", "transfer_n",
-      "transfer_splits", "seed", "ablations", "cleannet_repeats", "section"})
+      "transfer_splits", "seed", "ablations", "cleannet_repeats", "cleannet_workers",
+      "section"})
   ablations = [f"--ablations={','.join(FLAGS.ablations)}"] if FLAGS.ablations else []
   cleannet_steps = ([] if FLAGS.cleannet_steps is None
                     else [f"--cleannet_steps={FLAGS.cleannet_steps}"])
@@ -234,7 +239,8 @@ def plan(out, data_dir):
          f"--clean_labels={os.path.join(data_dir, 'train.csv')}", f"--out={path(name)}",
          *cleannet_steps, f"--transfer_n={','.join(FLAGS.transfer_n)}",
          f"--transfer_splits={FLAGS.transfer_splits}", *ablation_args, f"--seed={FLAGS.seed}",
-         f"--cleannet_repeats={repeats}", *extra, *detection_extra,
+         f"--cleannet_repeats={repeats}", f"--cleannet_workers={FLAGS.cleannet_workers}",
+         *extra, *detection_extra,
          f"--benchmarks_md={os.path.join(sections, name + '.md')}"],
         path(name), result_file=path(name, "detection_benchmark.json"),
         section_file=os.path.join(sections, name + ".md"),
@@ -279,7 +285,8 @@ def benchmarks_command():
   """This module's command line with the flags that shape the numbers."""
   args = []
   for name in ("data", "out", "seed", "label_columns", "features_diagnostic",
-               "classification_label", "step1_epochs", "cleannet_steps", "cleannet_repeats", "transfer_n", "transfer_splits",
+               "classification_label", "step1_epochs", "cleannet_steps", "cleannet_repeats",
+               "cleannet_workers", "transfer_n", "transfer_splits",
                "ablations", "finetune_steps", *(f"{stage}_args" for stage in STAGES)):
     flag = FLAGS[name]
     if name in ("data", "seed") or flag.value != flag.default:
