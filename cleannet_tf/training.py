@@ -422,6 +422,11 @@ class Trainer:
     self.config = config
     self.model_dir = model_dir
     self.settings = run_settings(model_config, config)
+    # Seeds the initial weights, and first of all: tf.data's seeded shuffles
+    # combine their seed with the global one, so without it the batches
+    # would depend on whatever set that seed earlier in the process (a
+    # previous run), and a run would not repeat in a fresh process.
+    keras.utils.set_random_seed(config.seed)
     self.strategy = strategy or tf.distribute.get_strategy()
     self.train_info = train_info
     verified = data.load_arrays(train_info, verification="verified")
@@ -451,7 +456,6 @@ class Trainer:
                                     num_unverified)
 
     with self.strategy.scope():
-      keras.utils.set_random_seed(config.seed)  # the initial weights
       self.model = model_lib.CleanNet(**model_config)
       self.model.set_reference_sets(references)
       set_feature_statistics(self.model, train_info)

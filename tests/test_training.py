@@ -281,6 +281,23 @@ def test_checkpoints_of_another_model_are_a_one_line_error(feature_set, tmp_path
   assert "\n" not in str(error.value)
 
 
+def test_a_run_does_not_depend_on_the_global_seed_left_by_earlier_runs(feature_set, tmp_path):
+  refs = reference_sets(feature_set)
+  runs = []
+  for earlier_seed in (5, 7):
+    keras.utils.set_random_seed(earlier_seed)  # what an earlier run leaves behind
+    trainer = training.Trainer(MODEL_CONFIG, refs, feature_set,
+                               str(tmp_path / f"after{earlier_seed}"), config(seed=3))
+    runs.append(([next(trainer.iterator) for _ in range(3)], weights_of(trainer.model)))
+  (batches_a, weights_a), (batches_b, weights_b) = runs
+  for batch_a, batch_b in zip(batches_a, batches_b):
+    for part_a, part_b in zip(batch_a, batch_b):
+      for name in part_a:
+        np.testing.assert_array_equal(part_a[name], part_b[name])
+  for a, b in zip(weights_a, weights_b):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_seed_sets_the_initial_weights_and_split_seed_keeps_the_validation_rows(
     feature_set, tmp_path):
   refs = reference_sets(feature_set)
