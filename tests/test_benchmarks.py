@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -205,8 +206,26 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   assert "| noisy | w_soft, mean 1 per class |" in classification
   assert "| noisy | w_soft, n classes unverified |" in classification
   assert "CleanNet* " in classification and "CleanNet* (the paper" in classification
+  scratch = markdown_sections.extract_section(text, "classification-scratch")
+  assert "--from_scratch" in scratch and "trains from random weights" in scratch
+  assert "| noisy (step 1 only) |" not in scratch and "| noisy | 1 |" in scratch
+  assert "| noisy | w_soft, mean 1 per class |" in scratch
+  assert "| noisy | w_soft, n classes unverified |" not in scratch
+  assert "CleanNet* (the paper" in scratch
+  result = json.loads((out / "features-worse_label" / "classification-scratch"
+                       / "results.json").read_text(encoding="utf-8"))
+  step1 = json.loads((out / "features-worse_label" / "step1" / "summary.json")
+                     .read_text(encoding="utf-8"))
+  # The unweighted variant is step 1; the others ran its recipe from random weights.
+  assert result["top1"]["none"] == step1["test_top1"]
+  assert result["finetune"]["steps"] == step1["steps"]
+  assert not (out / "features-worse_label" / "classification-scratch" / "finetune-none").exists()
+  if result["top1"]["clean"] != result["top1"]["none"]:
+    assert "that each weighting recovers: w_hard (Eq. 13) " in scratch
+    assert set(result["gap_recovered"]) == {"w_hard", "w_soft", "w_soft_balanced"}
   cost = markdown_sections.extract_section(text, "cost")
   assert "| features-worse_label |" in cost and "| classification |" in cost
+  assert "| classification-scratch |" in cost
   # Detection needs its features run; a stage list without it is refused.
   error = one_line_error(run_benchmarks("--stages=detection", f"--data={data}",
                                         f"--out={tmp_path / 'other'}",
@@ -258,6 +277,17 @@ def assert_passes_in_a_fresh_process(check):
   result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=False)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_gap_recovered_is_each_weightings_share_of_the_noisy_to_clean_gap():
+  assert_passes_in_a_fresh_process(textwrap.dedent("""
+      import pytest
+      from tools.cifar10n_classification import gap_recovered
+      top1 = {"none": 0.60, "w_hard": 0.66, "w_soft": 0.70, "clean": 0.80, "step1": 0.5}
+      assert gap_recovered(top1) == pytest.approx({"w_hard": 0.3, "w_soft": 0.5})
+      assert gap_recovered({**top1, "clean": 0.60}) == {}
+      assert gap_recovered({"w_soft": 0.7, "clean": 0.8}) == {}
+      """))
 
 
 def test_paper_demo_args_are_the_papers_settings():

@@ -20,7 +20,10 @@ wall time and peak resident memory are its own, with stdout and stderr in
   and its detection job ``detection-LABEL-step1_OTHER`` (no ablations, one
   CleanNet run): the same detection problem on better features;
 * classification: tools.cifar10n_classification on the feature run of
-  --classification_label (its step 1, features and reference sets reused).
+  --classification_label (its step 1, features and reference sets reused):
+  fine-tuning step 1 with each weighting (job ``classification``), and
+  training the SCRATCH_VARIANTS from scratch with step 1's recipe (job
+  ``classification-scratch``).
 
 Each tool writes its own section (its ``markdown(result)``) into
 <out>/sections/<job>.md, given as its --benchmarks_md; the features sections
@@ -65,6 +68,9 @@ PAPER_DEMO_ARGS = ("--standardize_features=false", "--optimizer=sgd", "--learnin
                    "--weight_averaging=0",
                    "--gamma=0.1", "--pseudo_label_margin=0.1")
 FIGURES_DIR = os.path.join("docs", "benchmarks")
+# The classification variants trained from scratch: each is a whole step-1
+# training (the longest job of the file), so the ones Table 3 compares.
+SCRATCH_VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "clean")
 
 flags.DEFINE_string("data", None,
                     "CIFAR-10N folder (train.csv, test.csv, classes.txt); needed by the "
@@ -263,21 +269,26 @@ def plan(out, data_dir):
                               f"{label}, features of the {other} step 1", [], 1,
                               f"--section=detection-{suffix}"))
   features = path(f"features-{FLAGS.classification_label}")
-  optional = cleannet_steps + ([] if FLAGS.finetune_steps is None
-                                else [f"--finetune_steps={FLAGS.finetune_steps}"])
-  jobs.append(Job(
-      "classification", "classification", "tools.cifar10n_classification",
-      [f"--data={data_dir}", f"--out={features}", *optional, f"--seed={FLAGS.seed}",
-       *_extra_args("classification", {"data", "out", "cleannet_steps", "finetune_steps",
-                                       "seed", "benchmarks_md"}),
-       f"--benchmarks_md={os.path.join(sections, 'classification.md')}"],
-      os.path.join(features, "classification"),
-      result_file=os.path.join(features, "classification", "results.json"),
-      section_file=os.path.join(sections, "classification.md"),
-      sections=("classification",),
-      figure=(os.path.join(features, "classification", "top1.png"),
-              "CIFAR-10N test top-1 of each fine-tuning variant"),
-      needs=(f"features-{FLAGS.classification_label}",)))
+  finetune_steps = ([] if FLAGS.finetune_steps is None
+                    else [f"--finetune_steps={FLAGS.finetune_steps}"])
+  classification_extra = _extra_args("classification", {
+      "data", "out", "cleannet_steps", "finetune_steps", "seed", "benchmarks_md",
+      "from_scratch", "variants"})
+  for name, steps, mode, caption in [
+      ("classification", finetune_steps, [], "each fine-tuning variant"),
+      ("classification-scratch", [],
+       ["--from_scratch", f"--variants={','.join(SCRATCH_VARIANTS)}"],
+       "each variant trained from scratch")]:
+    work = os.path.join(features, name)
+    jobs.append(Job(
+        name, "classification", "tools.cifar10n_classification",
+        [f"--data={data_dir}", f"--out={features}", *cleannet_steps, *steps,
+         f"--seed={FLAGS.seed}", *mode, *classification_extra,
+         f"--benchmarks_md={os.path.join(sections, name + '.md')}"],
+        work, result_file=os.path.join(work, "results.json"),
+        section_file=os.path.join(sections, name + ".md"), sections=(name,),
+        figure=(os.path.join(work, "top1.png"), f"CIFAR-10N test top-1 of {caption}"),
+        needs=(f"features-{FLAGS.classification_label}",)))
   return jobs
 
 

@@ -7,7 +7,9 @@ Starting from the step-1 classifier, CIFAR-10N features and reference sets
 that tools.cifar10n_features left in --out, this trains CleanNet (step 2),
 scores every training image (step 3's weights), then fine-tunes the step-1
 classifier once per variant with the same budget (--finetune_steps at
---finetune_learning_rate, same seed and batches):
+--finetune_learning_rate, same seed and batches) or, with --from_scratch,
+trains each variant from random weights with step 1's own recipe (its steps,
+batch, learning rate and seed: the unweighted variant is step 1 itself):
 
 * none: noisy labels, all weights 1 (more step-1 training);
 * w_hard / w_soft: noisy labels weighted by CleanNet (Eq. 12-14);
@@ -15,11 +17,13 @@ classifier once per variant with the same budget (--finetune_steps at
   (``detection.balance_per_class``);
 * clean: the true CIFAR-10 labels, weights 1 (the upper bound).
 
-Each variant's test top-1 is written to <out>/classification/results.json
-and results.md, and as a bar chart to <out>/classification/top1.png (with
-matplotlib); with --benchmarks_md, the file's section between its
-``classification`` markers is regenerated. Every stage resumes or is skipped
-when a previous run finished it.
+--variants chooses among them. Each variant's test top-1, and the share of
+the noisy-to-clean gap that each weighting recovers, are written to
+<out>/classification/results.json and results.md (<out>/classification-scratch
+with --from_scratch), and as a bar chart to top1.png there (with matplotlib);
+with --benchmarks_md, the file's section between its ``classification`` (or
+``classification-scratch``) markers is regenerated. Every stage resumes or is
+skipped when a previous run finished it.
 """
 
 import csv
@@ -37,6 +41,13 @@ from tools import prepare_cifar10n  # pylint: disable=unused-import (its flags)
 from cleannet_tf import (alternating, classifier, data, detection, images, training)
 from cleannet_tf.errors import InputError
 
+VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_soft_holdout", "clean")
+
+flags.DEFINE_bool("from_scratch", False,
+                  "Train every variant from random weights with step 1's recipe instead of "
+                  "fine-tuning step 1 (the --finetune_* flags are then unused).")
+flags.DEFINE_list("variants", list(VARIANTS), "Variants trained, of: " + ", ".join(VARIANTS)
+                  + " (CleanNet* needs w_soft).")
 flags.DEFINE_integer("finetune_steps", 1000, "Fine-tuning steps of every variant.")
 flags.DEFINE_float("finetune_learning_rate", 0.01,
                    "Fine-tuning initial learning rate (cosine decay).")
@@ -50,8 +61,8 @@ flags.DEFINE_string("benchmarks_md", "",
                     "empty: none.")
 FLAGS = flags.FLAGS
 
-VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_soft_holdout", "clean")
-SECTION = "classification"
+SECTIONS = {False: "classification", True: "classification-scratch"}  # by from_scratch
+WEIGHTED = ("w_hard", "w_soft", "w_soft_balanced", "w_soft_holdout")
 NOISY_COLUMNS = ("worse_label", "aggre_label")
 ROWS = {"step1": ("noisy (step 1 only)", "1"), "none": ("noisy", "1"),
         "w_hard": ("noisy", "w_hard (Eq. 13)"), "w_soft": ("noisy", "w_soft (Eq. 12)"),
@@ -110,23 +121,48 @@ def _weight(value):
   return "-" if value is None else f"{value:.2f}"
 
 
+def gap_recovered(top1):
+  """Each weighting's share of the noisy-to-clean top-1 gap: (w - none) / (clean - none)."""
+  if "none" not in top1 or "clean" not in top1 or top1["clean"] == top1["none"]:
+    return {}
+  gap = top1["clean"] - top1["none"]
+  return {name: (top1[name] - top1["none"]) / gap for name in WEIGHTED if name in top1}
+
+
 def markdown(result):
   """The BENCHMARKS.md section of a classification result (with its "command")."""
   finetune, step1 = result["finetune"], result["step1"]
   label = f"`{result['label_column']}`" if result["label_column"] else "the noisy labels"
+  if result.get("from_scratch"):
+    title = "from scratch"
+    recipe = (f"Every variant trains from random weights with step 1's recipe "
+              f"({finetune['steps']} steps of batch {finetune['batch_size']}, lr "
+              f"{finetune['learning_rate']:g} cosine, same seed, same image order and "
+              "augmentation), so the unweighted noisy variant is step 1 itself")
+  else:
+    title = "fine-tuning step 1"
+    recipe = (f"Every variant then fine-tunes that same checkpoint for {finetune['steps']} "
+              f"steps (batch {finetune['batch_size']}, lr {finetune['learning_rate']:g} "
+              "cosine, same seed, same image order and augmentation)")
+  recovered = gap_recovered(result["top1"])
   lines = [
-      "## Classification with CleanNet's sample weights (CIFAR-10N, Table 3 analog)",
+      f"## Classification with CleanNet's sample weights, {title} (CIFAR-10N, Table 3 "
+      "analog)",
       f"Command: `{result['command']}` (seed {result['seed']}).",
       f"Noisy labels {label} ({result['noise_rate']:.1%} noise), "
       f"{result['num_verified']} verified images ({result['num_verified_per_class']:g} "
       f"per class). Step 1: the small ResNet trained {step1['epochs']:.3g} epochs "
       f"({step1['steps']} steps of batch {step1['batch_size']}) on the noisy labels. "
-      f"Every variant then fine-tunes that same checkpoint for {finetune['steps']} steps "
-      f"(batch {finetune['batch_size']}, lr {finetune['learning_rate']:g} cosine, same "
-      f"seed, same image order and augmentation); CleanNet (library defaults, "
+      f"{recipe}; CleanNet (library defaults, "
       f"{result['cleannet_steps']:,} steps) gives the weights. Test top-1 on the "
       f"{step1['test_images']:,} clean test images:", "",
-      _markdown(result).rstrip("\n"), "",
+      _markdown(result).rstrip("\n"), ""]
+  if recovered:
+    lines += ["Share of the test top-1 gap between the noisy and the clean labels (both "
+              "unweighted) that each weighting recovers: "
+              + ", ".join(f"{ROWS[name][1]} {value:.0%}" for name, value in recovered.items())
+              + ".", ""]
+  lines += [
       "CleanNet's average per-class detection error: "
       f"{result['cleannet_validation_error']:.1%} on verified validation rows, "
       f"{result['cleannet_all_rows_error']:.1%} on all training rows against the clean "
@@ -143,10 +179,12 @@ def markdown(result):
               f"without the verification labels of {len(result['holdout_classes'])} "
               f"classes ({', '.join(result['holdout_classes'])}), the Fig. 6 analog."]
   errors = result["unverified_rows_error"]
-  lines += ["", "CleanNet* (the paper's Table 2 row): CleanNet trained again, with the same "
-            "settings and verified rows, on the features of the classifier fine-tuned with "
-            "w_soft. Average per-class error on the rows without verification labels: "
-            f"CleanNet {errors['CleanNet']:.2%}, CleanNet* {errors['CleanNet*']:.2%}."]
+  if "CleanNet*" in errors:
+    lines += ["", "CleanNet* (the paper's Table 2 row): CleanNet trained again, with the "
+              "same settings and verified rows, on the features of the classifier "
+              f"{'trained' if result.get('from_scratch') else 'fine-tuned'} with w_soft. "
+              "Average per-class error on the rows without verification labels: "
+              f"CleanNet {errors['CleanNet']:.2%}, CleanNet* {errors['CleanNet*']:.2%}."]
   lines += ["", "Mean weight over all scored rows: w_soft "
             f"{result['weights']['w_soft']['mean_weight']:.3f}, w_hard "
             f"{result['weights']['w_hard']['mean_weight']:.3f}."]
@@ -166,7 +204,8 @@ def plot(result, path):
   axes.bar_label(bars, fmt="%.2f")
   axes.set_ylabel("test top-1 (%)")
   axes.set_ylim(max(0.0, min(values) - 10), min(100.0, max(values) + 5))
-  axes.set_title("CIFAR-10N: fine-tuning with CleanNet's weights")
+  axes.set_title("CIFAR-10N: training with CleanNet's weights"
+                 + (", from scratch" if result.get("from_scratch") else ", fine-tuning"))
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
@@ -231,14 +270,21 @@ def cleannet_star(train, info, work, config):
 
 
 def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
-             finetune_batch_size=128, cleannet_steps=3000, holdout_classes=5, seed=0):
-  """Steps 2-3 and the fine-tuning of every variant in <out>/classification; the result dict.
+             finetune_batch_size=128, cleannet_steps=3000, holdout_classes=5, seed=0,
+             from_scratch=False, variants=VARIANTS):
+  """Steps 2-3 and the training of each of `variants`; the result dict.
 
   `out` is a folder of tools.cifar10n_features (its step 1, features and
-  reference sets); `data_dir` the CIFAR-10N folder it was made from. Results
-  are also written to <out>/classification/results.json and results.md.
+  reference sets); `data_dir` the CIFAR-10N folder it was made from. Each
+  variant fine-tunes step 1 or, `from_scratch`, trains from random weights
+  with step 1's recipe. Results are also written to results.json and
+  results.md in <out>/classification (<out>/classification-scratch).
   """
-  work = os.path.join(out, "classification")
+  unknown = [name for name in variants if name not in VARIANTS]
+  if unknown or not variants:
+    raise InputError(f"--variants: {','.join(variants)!r} is not a list of: "
+                     + ", ".join(VARIANTS))
+  work = os.path.join(out, SECTIONS[from_scratch])
   step1_dir = os.path.join(out, "step1")
   needed = [os.path.join(step1_dir, alternating.SUMMARY_FILE),
             os.path.join(out, "features", "all", data.METADATA_FILE),
@@ -252,13 +298,19 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
   test = images.read_manifest(os.path.join(out, "test.csv"), class_names)
   clean_ids = _clean_class_ids(data_dir, train, class_names)
   info = data.read_info(os.path.join(out, "features", "all"))
+  step1 = alternating.read_json(os.path.join(step1_dir, alternating.SUMMARY_FILE))
   steps = cleannet_steps
+  if from_scratch:
+    # Step 1's own recipe, seed included: only the labels and weights differ.
+    variant_config = classifier.ClassifierConfig(**{
+        **step1["config"], "image_size": tuple(step1["config"]["image_size"])})
+  else:
+    variant_config = classifier.ClassifierConfig(
+        image_size=(32, 32), steps=finetune_steps, global_batch_size=finetune_batch_size,
+        learning_rate=finetune_learning_rate, seed=seed,
+        init_classifier=os.path.join(step1_dir, classifier.CLASSIFIER_FILE))
   config = alternating.AlternatingConfig(
-      finetune=classifier.ClassifierConfig(
-          image_size=(32, 32), steps=finetune_steps,
-          global_batch_size=finetune_batch_size,
-          learning_rate=finetune_learning_rate, seed=seed,
-          init_classifier=os.path.join(step1_dir, classifier.CLASSIFIER_FILE)),
+      finetune=variant_config,
       cleannet=training.TrainConfig(
           steps=steps, lr_decay_steps=max(1, steps * 2 // 3),
           eval_every=max(1, steps // 12), checkpoint_every=max(1, steps // 10), seed=seed))
@@ -277,7 +329,7 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
     weights = {name: saved[name] for name in saved.files}
 
   held_out = np.zeros(0, np.int64)
-  if holdout_classes:
+  if holdout_classes and "w_soft_holdout" in variants:
     held_out, holdout_weights = holdout_cleannet(train, info, out, work, config,
                                                  holdout_classes, seed)
   sources = {"none": (train, None), "w_hard": (train, weights["w_hard"]),
@@ -285,10 +337,11 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
              "w_soft_balanced": (train, weights["w_soft_balanced"]),
              "w_soft_holdout": (train, holdout_weights["w_soft"] if len(held_out) else None),
              "clean": (dataclasses.replace(train, class_ids=clean_ids), None)}
-  step1 = alternating.read_json(os.path.join(step1_dir, alternating.SUMMARY_FILE))
-  top1 = {"step1": step1["test_top1"]}
+  # From scratch, the unweighted noisy variant would repeat step 1 exactly.
+  top1 = {"none": step1["test_top1"]} if from_scratch else {"step1": step1["test_top1"]}
   for name in VARIANTS:
-    if name == "w_soft_holdout" and not len(held_out):
+    if (name not in variants or name in top1
+        or (name == "w_soft_holdout" and not len(held_out))):
       continue
     directory = os.path.join(work, f"finetune-{name}")
     if not os.path.exists(os.path.join(directory, alternating.SUMMARY_FILE)):
@@ -304,16 +357,21 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
   all_rows = detection.detection_metrics(train.class_ids[scored], truth[scored],
                                          weights["score"][scored],
                                          float(weights["delta"]))
-  star = cleannet_star(train, info, work, config)
-  # Both on the rows without verification labels, as the detection benchmark.
-  unverified = scored & star["scored"] & (train.verification < 0)
+  detectors = {"CleanNet": weights}
+  if "w_soft" in variants:
+    detectors["CleanNet*"] = cleannet_star(train, info, work, config)
+  # All on the rows without verification labels, as the detection benchmark.
+  unverified = (train.verification < 0) & np.logical_and.reduce(
+      [found["scored"] for found in detectors.values()])
   unverified_error = {
       name: detection.detection_metrics(train.class_ids[unverified], truth[unverified],
                                         found["score"][unverified],
                                         float(found["delta"]))["avg_class_error"]
-      for name, found in (("CleanNet", weights), ("CleanNet*", star))}
+      for name, found in detectors.items()}
   results = {
       "top1": top1,
+      "gap_recovered": gap_recovered(top1),
+      "from_scratch": from_scratch,
       "noise_rate": float(1 - truth.mean()),
       "cleannet_validation_error": validation["avg_class_error"],
       "cleannet_cv_validation_error": validation.get("cv_avg_class_error"),
@@ -323,9 +381,9 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
       "delta": float(weights["delta"]),
       "weights": {name: alternating.weight_stats(weights[name], scored)
                   for name in ("w_soft", "w_hard")},
-      "finetune": {"steps": finetune_steps,
-                   "learning_rate": finetune_learning_rate,
-                   "batch_size": finetune_batch_size},
+      "finetune": {"steps": variant_config.steps,
+                   "learning_rate": variant_config.learning_rate,
+                   "batch_size": variant_config.global_batch_size},
       "cleannet_steps": steps,
       "seed": seed,
       "label_column": _noisy_label_column(data_dir, train, class_names),
@@ -350,13 +408,15 @@ def main(_):
                      finetune_learning_rate=FLAGS.finetune_learning_rate,
                      finetune_batch_size=FLAGS.finetune_batch_size,
                      cleannet_steps=FLAGS.cleannet_steps,
-                     holdout_classes=FLAGS.holdout_classes, seed=FLAGS.seed)
+                     holdout_classes=FLAGS.holdout_classes, seed=FLAGS.seed,
+                     from_scratch=FLAGS.from_scratch, variants=FLAGS.variants)
   results["command"] = "python -m tools.cifar10n_classification " + shlex.join(sys.argv[1:])
   print(json.dumps(results, indent=2))
   print(_markdown(results))
-  plot(results, os.path.join(FLAGS.out, "classification", "top1.png"))
+  section = SECTIONS[FLAGS.from_scratch]
+  plot(results, os.path.join(FLAGS.out, section, "top1.png"))
   if FLAGS.benchmarks_md:
-    markdown_sections.update_file(FLAGS.benchmarks_md, SECTION, markdown(results))
+    markdown_sections.update_file(FLAGS.benchmarks_md, section, markdown(results))
 
 
 def run():
