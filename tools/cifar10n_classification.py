@@ -32,6 +32,7 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 
 from absl import flags
 import numpy as np
@@ -197,7 +198,7 @@ def plot(result, path):
   if plt is None:
     return None
   rows = [name for name in ROWS if name in result["top1"]]
-  names = [f"{ROWS[name][0]}\n{ROWS[name][1]}" for name in rows]
+  names = [f"{ROWS[name][0]}\n{textwrap.fill(ROWS[name][1], 14)}" for name in rows]
   values = [100 * result["top1"][name] for name in rows]
   figure, axes = plt.subplots(figsize=(7, 3.5))
   bars = axes.bar(names, values, color=["0.6", "C0", "C1", "C2", "C3"])
