@@ -125,16 +125,18 @@ def _detection_result():
                "supervised_fallback_classes": [], "num_train_verified": 8,
                "num_val_verified": 2, "num_evaluated": 90},
       "transfer": {0: {"mean": {"naive": 0.4, "CleanNet": 0.25},
-                       "std": {"naive": 0.0, "CleanNet": 0.0}}},
-      "ablation_transfer_n": 1,
-      "ablation": {"defaults": {"description": "ours", "overrides": {}, "val_error": 0.2,
-                                "error": 0.25, "transfer": [0.3, 0.5],
+                       "std": {"naive": 0.0, "CleanNet": 0.0}},
+                   1: {"mean": {"naive": 0.45, "CleanNet": 0.4},
+                       "std": {"naive": 0.05, "CleanNet": 0.1}}},
+      "ablation_transfer_n": 1, "ablation_seeds": 1,
+      "ablation": {"defaults": {"description": "ours", "overrides": {}, "val_error": [0.2],
+                                "error": [0.25], "transfer": [0.3, 0.5],
                                 "held_out_verified": [0.1, 0.2]},
                    "paper": {"description": "theirs", "overrides": {"gamma": 0.1},
-                             "val_error": 0.3, "error": 0.35, "transfer": [0.6, 0.6],
+                             "val_error": [0.3], "error": [0.35], "transfer": [0.6, 0.6],
                              "held_out_verified": [0.4, 0.4]},
                    "dropout": {"description": "more", "overrides": {"dropout": 0.2},
-                               "val_error": 0.25, "error": 0.3, "transfer": [0.5, 0.5],
+                               "val_error": [0.25], "error": [0.3], "transfer": [0.5, 0.5],
                                "held_out_verified": [0.45, 0.45]}}}
 
 
@@ -153,6 +155,23 @@ def test_detection_markdown_has_every_table():
           "0.50.") in text
   assert "CleanNet over 3 runs with seeds 0..2 (same validation rows): error 25.00% ± 1.63% " \
          "(min 23.00%, max 27.00%)" in text
+  assert "Table 2 and Fig. 5" in text and "trained 2 times" not in text
+
+
+def test_seeded_ablation_markdown_gives_means_over_seeds():
+  result = _detection_result()
+  result["ablation_seeds"] = 2
+  result["transfer"] = {0: result["transfer"][0]}  # full supervision only
+  for variant in result["ablation"].values():
+    variant["val_error"] = [variant["val_error"][0], variant["val_error"][0] + 0.1]
+    variant["error"] = variant["error"] * 2
+  text = benchmark_detection.markdown(result)
+  assert text.startswith("## CleanNet variants over several seeds")
+  assert "Every variant is trained 2 times, with seeds 0..1" in text
+  assert ("| defaults | ours | — | 25.00% ± 5.00% | 15.00% ± 5.00% | 25.00% ± 0.00% | "
+          "40.00% ± 10.00% |") in text
+  # No class held out: no transfer table.
+  assert "Transfer: verification labels" not in text
 
 
 def test_held_out_verified_error_uses_only_the_held_out_classes_verified_rows():
@@ -223,8 +242,7 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
                                "--ablation_transfer_n=2"])
     report = benchmark_detection.transfer(rows, truth, None, full_scores, full_results,
                                           info, str(tmp_path / "out"))
-    ablation = benchmark_detection.ablation(rows, truth, None, full_results, report, info,
-                                            str(tmp_path / "out"))
+    ablation = benchmark_detection.ablation(rows, truth, None, info, str(tmp_path / "out"))
     expected = []
     for split in range(2):
       held_out, masked, evaluated, val, _ = benchmark_detection.held_out_split(
@@ -241,7 +259,14 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
   assert 0 < np.mean(expected) < 0.5
 
 
-def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ablation_seeds, num_runs", [
+    # 1 repeat, 2 transfer splits, 2 ablations x (full + 2 splits).
+    (1, 9),
+    # And per ablation, defaults included, seed 1's full and transfer runs;
+    # the defaults' seed 1 full run is the repeat.
+    (2, 17)])
+def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(
+    tmp_path, monkeypatch, ablation_seeds, num_runs):
   rows, truth, info = _benchmark_rows(tmp_path)
   reference_sets = references.build_kmeans_references(rows["features"], rows["class_id"],
                                                       info.num_classes, k=2, seed=0)
@@ -252,27 +277,32 @@ def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(tmp_path,
     benchmark_detection.FLAGS(["test", "--clean_labels=x", "--transfer_n=0,2",
                                "--transfer_splits=2", "--ablations=dropout,sgd",
                                "--ablation_transfer_n=2", "--cleannet_repeats=2",
-                               "--cleannet_steps=6"])
+                               "--cleannet_steps=6", f"--ablation_seeds={ablation_seeds}"])
     full, scores = benchmark_detection.full_supervision(
         rows, truth, reference_sets, lambda: probabilities, info, out)
     report = benchmark_detection.transfer(rows, truth, reference_sets, scores,
                                           full["methods"], info, out)
-    benchmark_detection.ablation(rows, truth, reference_sets, full["methods"], report, info,
-                                 out)
+    ablation = benchmark_detection.ablation(rows, truth, reference_sets, info, out)
     planned = benchmark_detection.cleannet_runs(rows, reference_sets, info, out)
     trained = {model_dir: (features_dir, benchmark_detection.cleannet_settings(
         data.read_info(features_dir), reference_sets, overrides))
                for model_dir, features_dir, overrides in calls}
   # The timed full-supervision run trains in the table, alone.
   assert trained.pop(os.path.join(out, "cleannet"))[0] == info.directory
-  # 1 repeat, 2 transfer splits, 2 ablations x (full + 2 splits).
-  assert len(planned) == len(trained) == 9
+  assert len(planned) == len(trained) == num_runs
   for run in planned:
     features_dir, (model_config, config) = trained[run.model_dir]
     assert (run.features_dir, run.model_config, run.config) == (features_dir, model_config,
                                                                  config)
   assert {run.config.seed for run in planned} == {0, 1}
   assert {run.model_config["dropout"] for run in planned} == {0.0, 0.2}
+  assert all(len(variant["val_error"]) == ablation_seeds
+             and len(variant["transfer"]) == 2 * ablation_seeds
+             for variant in ablation.values())
+  # The defaults' seed 0 runs are the tables'.
+  assert ablation["defaults"]["error"][0] == full["methods"]["CleanNet"]["error"]
+  assert ablation["defaults"]["transfer"][:2] == [
+      split["errors"]["CleanNet"] for split in report[2]["splits"]]
 
 
 def test_train_in_processes_trains_each_run_once_and_raises_failures(tmp_path):

@@ -312,3 +312,21 @@ def test_cost_total_says_when_it_leaves_out_earlier_runs():
       "assert '| b (resumed: work finished earlier not timed) |' in mixed, mixed; "
       "assert '| all (resumed stages: their last run only) | 2.0 min |' in mixed, mixed")
   assert_passes_in_a_fresh_process(check)
+
+
+def test_seeded_ablation_jobs_follow_each_detection_job():
+  assert_passes_in_a_fresh_process(
+      "from absl import flags; from tools import benchmarks\n"
+      "flags.FLAGS(['x', '--data=d', '--features_diagnostic=', '--seeded_ablations=dropout',"
+      " '--ablation_seeds=3'])\n"
+      "jobs = {job.name: job for job in benchmarks.plan('o', 'd')}\n"
+      "names = list(jobs)\n"
+      "assert names.index('ablation-seeds-worse_label') == "
+      "names.index('detection-worse_label') + 1, names\n"
+      "args = jobs['ablation-seeds-aggre_label'].args\n"
+      "for arg in ['--ablations=dropout', '--ablation_seeds=3', '--cleannet_repeats=3',"
+      " '--transfer_n=0', '--section=ablation-seeds-aggre_label', '--out=o/ablation-seeds-aggre_label',"
+      " '--run_dir=o/features-aggre_label']:\n"
+      "  assert arg in args, (arg, args)\n"
+      "flags.FLAGS(['x', '--data=d', '--seeded_ablations='])\n"
+      "assert not [job for job in benchmarks.plan('o', 'd') if job.name.startswith('ablation')]\n")

@@ -66,6 +66,12 @@ flags.DEFINE_list("ablations", [],
                   "CleanNet variants (names in ABLATIONS, or 'all') also trained on "
                   "full supervision and on transfer with --ablation_transfer_n held out.")
 flags.DEFINE_integer("ablation_transfer_n", 5, "Classes held out in the ablation's transfer.")
+flags.DEFINE_integer("ablation_seeds", 1,
+                     "Runs per ablation variant, defaults included, with seeds --seed, "
+                     "--seed+1, ... (initial weights and batch order; the validation rows "
+                     "and class splits stay those of --seed); more than one makes every "
+                     "column the mean over seeds, so that variants are compared beyond "
+                     "one run's batch order.")
 flags.DEFINE_integer("cleannet_workers", 1,
                      "CleanNet runs of the repeats, transfer and ablations trained at once, "
                      "each in its own process (training.train_in_processes) before the "
@@ -232,15 +238,22 @@ def cleannet_scores(info, reference_sets, model_dir, features, class_ids, overri
   return scoring.Scorer(result.model).score(features, class_ids).astype(np.float64)
 
 
-def repeat_run(out, repeat):
-  """(model directory, overrides) of full-supervision repeat `repeat` (1, 2, ...)."""
-  return (os.path.join(out, f"cleannet-seed{FLAGS.seed + repeat}"),
-          {"seed": FLAGS.seed + repeat, "split_seed": FLAGS.seed})
+def seeded_run(model_dir, repeat, overrides=None):
+  """(model directory, overrides) of `model_dir`'s run with seed --seed + `repeat`.
+
+  Repeat 0 is the run itself; a later one trains in <model_dir>-seed<seed> on
+  the validation split of --seed, so that only its initial weights and batch
+  order differ.
+  """
+  if repeat == 0:
+    return model_dir, overrides
+  seed = FLAGS.seed + repeat
+  return f"{model_dir}-seed{seed}", {**(overrides or {}), "seed": seed, "split_seed": FLAGS.seed}
 
 
-def ablation_model_dir(out, variant):
-  """Model directory of ablation `variant` with full supervision."""
-  return os.path.join(out, f"cleannet-{_slug(variant)}")
+def ablation_model_dir(out, variant=None):
+  """Model directory of ablation `variant` (None: the defaults) with full supervision."""
+  return os.path.join(out, f"cleannet-{_slug(variant)}" if variant else "cleannet")
 
 
 def transfer_model_dir(out, n, split, variant=None):
@@ -249,14 +262,18 @@ def transfer_model_dir(out, n, split, variant=None):
                       f"cleannet-{_slug(variant)}" if variant else "cleannet")
 
 
-def ablation_variants():
-  """--ablations as {name: (description, overrides)}."""
+def ablation_variants(with_defaults=False):
+  """--ablations as {name: (description, overrides)}.
+
+  `with_defaults` puts first the run with the flags as given, named None.
+  """
   names = list(ABLATIONS) if FLAGS.ablations == ["all"] else FLAGS.ablations
   unknown = sorted(set(names) - set(ABLATIONS))
   if unknown:
     raise InputError(f"--ablations: unknown variant {unknown[0]!r}; known: "
                      + ", ".join(ABLATIONS))
-  return {name: ABLATIONS[name] for name in names}
+  defaults = {None: ("the library's defaults (this run's flags)", None)} if with_defaults else {}
+  return {**defaults, **{name: ABLATIONS[name] for name in names}}
 
 
 def cleannet_runs(rows, reference_sets, info, out):
@@ -267,17 +284,27 @@ def cleannet_runs(rows, reference_sets, info, out):
   full-supervision run; trained beforehand by ``training.train_in_processes``,
   they find their models finished.
   """
-  planned = [(info, *repeat_run(out, repeat)) for repeat in range(1, FLAGS.cleannet_repeats)]
+  cleannet = ablation_model_dir(out)
+  planned = [(info, *seeded_run(cleannet, repeat))
+             for repeat in range(1, FLAGS.cleannet_repeats)]
   for n in map(int, FLAGS.transfer_n):
     for split in range(FLAGS.transfer_splits if n else 0):
       masked_info = held_out_split(rows, n, split, info, out)[-1]
       planned.append((masked_info, transfer_model_dir(out, n, split), None))
   n = FLAGS.ablation_transfer_n
-  for name, (_, overrides) in ablation_variants().items():
-    planned.append((info, ablation_model_dir(out, name), overrides))
-    for split in range(FLAGS.transfer_splits if n else 0):
-      masked_info = held_out_split(rows, n, split, info, out)[-1]
-      planned.append((masked_info, transfer_model_dir(out, n, split, name), overrides))
+  for name, (_, overrides) in ablation_variants(with_defaults=True).items():
+    for repeat in range(FLAGS.ablation_seeds):
+      planned.append((info, *seeded_run(ablation_model_dir(out, name), repeat, overrides)))
+      for split in range(FLAGS.transfer_splits if n else 0):
+        masked_info = held_out_split(rows, n, split, info, out)[-1]
+        planned.append((masked_info, *seeded_run(transfer_model_dir(out, n, split, name),
+                                                 repeat, overrides)))
+  # The defaults' runs of the ablation are also the table's; the timed one trains alone.
+  unique = {}
+  for run_info, model_dir, overrides in planned:
+    if model_dir != cleannet:
+      unique.setdefault(model_dir, (run_info, model_dir, overrides))
+  planned = list(unique.values())
   runs = []
   for run_info, model_dir, overrides in planned:
     model_config, config = cleannet_settings(run_info, reference_sets, overrides)
@@ -307,8 +334,8 @@ def full_supervision(rows, truth, reference_sets, probabilities, info, out):
         problem)
   else:
     logging.warning("cleanlab is not installed: its baseline is skipped")
-  methods["CleanNet"] = (cleannet_scores, info, reference_sets,
-                         os.path.join(out, "cleannet"), rows["features"], class_ids)
+  methods["CleanNet"] = (cleannet_scores, info, reference_sets, ablation_model_dir(out),
+                         rows["features"], class_ids)
   evaluated = verification < 0
   results, scores = {}, {}
   for name, (fn, *args) in methods.items():
@@ -320,7 +347,7 @@ def full_supervision(rows, truth, reference_sets, probabilities, info, out):
   repeats = [results["CleanNet"]["error"]]
   for repeat in range(1, FLAGS.cleannet_repeats):
     logging.info("Detection benchmark: CleanNet, repeat %d", repeat)
-    model_dir, overrides = repeat_run(out, repeat)
+    model_dir, overrides = seeded_run(ablation_model_dir(out), repeat)
     repeat_scores = cleannet_scores(info, reference_sets, model_dir, rows["features"],
                                     class_ids, overrides)
     repeats.append(threshold_and_error(repeat_scores, class_ids, verification, val,
@@ -399,45 +426,45 @@ def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
   return report
 
 
-def ablation(rows, truth, reference_sets, full_results, transfer_report, info, out):
+def ablation(rows, truth, reference_sets, info, out):
   """Each --ablations variant: CleanNet trained with its overrides of the flags.
 
   Full supervision (error on all unverified rows) and transfer with
   --ablation_transfer_n classes held out over the same --transfer_splits
-  splits; the first row is the run with the flags as given (shipped defaults).
+  splits, each with --ablation_seeds seeds; the first row is the run with the
+  flags as given (shipped defaults), whose seed --seed runs are the tables'.
+  Returns {name: {"description", "overrides", "val_error" and "error" [one
+  per seed], "transfer" and "held_out_verified" [one per seed and split]}}.
   """
   class_ids, verification = rows["class_id"], rows["verification"]
   _, val = verified_split(verification, class_ids, FLAGS.seed)
   n = FLAGS.ablation_transfer_n
-  transfer_runs = transfer_report.get(n, {}).get("splits", [])
-  report = {"defaults": {
-      "description": "the library's defaults (this run's flags)",
-      "overrides": {}, "val_error": full_results["CleanNet"]["val_error"],
-      "error": full_results["CleanNet"]["error"],
-      "transfer": [run["errors"]["CleanNet"] for run in transfer_runs],
-      "held_out_verified": [run["cleannet_held_out_verified_error"]
-                            for run in transfer_runs]}}
-  for name, (description, overrides) in ablation_variants().items():
-    logging.info("Ablation: %s %s", name, overrides)
-    scores = cleannet_scores(info, reference_sets, ablation_model_dir(out, name),
-                             rows["features"], class_ids, overrides)
-    full = threshold_and_error(scores, class_ids, verification, val, verification < 0,
-                               truth)
-    errors, held_out_verified = [], []
-    for split in range(FLAGS.transfer_splits if n else 0):
-      held_out, masked, evaluated, split_val, masked_info = held_out_split(
-          rows, n, split, info, out)
-      scores = cleannet_scores(masked_info, reference_sets,
-                               transfer_model_dir(out, n, split, name), rows["features"],
-                               class_ids, overrides)
-      split_result = threshold_and_error(scores, class_ids, masked, split_val, evaluated,
-                                         truth)
-      errors.append(split_result["error"])
-      held_out_verified.append(held_out_verified_error(
-          scores, class_ids, verification, held_out, split_result["delta"]))
-    report[name] = {"description": description, "overrides": overrides,
-                    "val_error": full["val_error"], "error": full["error"],
-                    "transfer": errors, "held_out_verified": held_out_verified}
+  report = {}
+  for name, (description, overrides) in ablation_variants(with_defaults=True).items():
+    logging.info("Ablation: %s %s", name or "defaults", overrides)
+    result = {"description": description, "overrides": overrides or {}, "val_error": [],
+              "error": [], "transfer": [], "held_out_verified": []}
+    for repeat in range(FLAGS.ablation_seeds):
+      model_dir, run_overrides = seeded_run(ablation_model_dir(out, name), repeat, overrides)
+      scores = cleannet_scores(info, reference_sets, model_dir, rows["features"], class_ids,
+                               run_overrides)
+      full = threshold_and_error(scores, class_ids, verification, val, verification < 0,
+                                 truth)
+      result["val_error"].append(full["val_error"])
+      result["error"].append(full["error"])
+      for split in range(FLAGS.transfer_splits if n else 0):
+        held_out, masked, evaluated, split_val, masked_info = held_out_split(
+            rows, n, split, info, out)
+        model_dir, run_overrides = seeded_run(transfer_model_dir(out, n, split, name),
+                                              repeat, overrides)
+        scores = cleannet_scores(masked_info, reference_sets, model_dir, rows["features"],
+                                 class_ids, run_overrides)
+        split_result = threshold_and_error(scores, class_ids, masked, split_val, evaluated,
+                                           truth)
+        result["transfer"].append(split_result["error"])
+        result["held_out_verified"].append(held_out_verified_error(
+            scores, class_ids, verification, held_out, split_result["delta"]))
+    report[name or "defaults"] = result
   return report
 
 
@@ -471,11 +498,24 @@ def _mean_and_std(values):
   return f"{_percent(np.mean(values))} ± {_percent(np.std(values))}" if values else "—"
 
 
+def _one_or_mean(values):
+  """One run's value, or the mean ± standard deviation of several."""
+  return _percent(values[0]) if len(values) == 1 else _mean_and_std(values)
+
+
+def held_out_any(transfer_report):
+  """Whether the transfer report holds verification labels out (n > 0)."""
+  return any(int(n) > 0 for n in transfer_report)
+
+
 def markdown(result):
   """The BENCHMARKS.md section (between the markers) for a benchmark result."""
   full = result["full"]
+  title = ("## Label-noise detection on CIFAR-10N features (Table 2 and Fig. 5 analogs)"
+           if result.get("ablation_seeds", 1) == 1 else
+           "## CleanNet variants over several seeds on CIFAR-10N features")
   lines = [
-      "## Label-noise detection on CIFAR-10N features (Table 2 and Fig. 5 analogs)",
+      title,
       f"Command: `{result['command']}` (seed {result['seed']}; "
       f"{result['cleannet_steps']} CleanNet steps per run).",
       f"Noisy labels: `{result['features']}`, {result['num_rows']} rows, "
@@ -499,7 +539,7 @@ def markdown(result):
   if full["supervised_fallback_classes"]:
     lines.append("\nSupervised baselines fell back to a constant score for: "
                  + ", ".join(full["supervised_fallback_classes"]) + ".")
-  if result["transfer"]:
+  if held_out_any(result["transfer"]):
     lines += ["", "Transfer: verification labels of n of the "
               f"{len(result['class_names'])} classes held out from CleanNet (and from "
               "the threshold choice of every method but the MLP, which keeps all "
@@ -514,6 +554,13 @@ def markdown(result):
               for n, r in result["transfer"].items()]
   if result.get("ablation"):
     n = result["ablation_transfer_n"]
+    seeds = result["ablation_seeds"]
+    over_seeds = (
+        "" if seeds == 1 else
+        f" Every variant is trained {seeds} times, with seeds {result['seed']}.."
+        f"{result['seed'] + seeds - 1} (initial weights and batch order; the same validation "
+        "rows and class splits), and each column is the mean ± standard deviation over "
+        "those runs (transfer columns: over splits and seeds).")
     lines += ["", "Ablation: CleanNet variants on the same features, splits and protocol; "
               "each row changes the settings of the first row as listed. The two "
               "verified-rows columns are all a setting may be chosen on: the error on the "
@@ -522,19 +569,19 @@ def markdown(result):
               "(at the threshold chosen on the other classes' validation rows). The two "
               "evaluation columns are the error on all unverified rows (full supervision) "
               f"and on the held-out classes' unverified rows (transfer n={n}). Transfer "
-              "columns are mean ± standard deviation over the splits above.", "",
+              "columns are mean ± standard deviation over the splits above." + over_seeds, "",
               "| variant | CleanNet | changes | verified: val error | verified: held-out "
               f"classes n={n} | evaluation: error (unverified rows) | evaluation: transfer "
               f"n={n} |", "|---|---|---|---|---|---|---|"]
     variants = result["ablation"].values()
     for name, r in result["ablation"].items():
       changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
-      lines.append(f"| {name} | {r['description']} | {changes} | {_percent(r['val_error'])} | "
-                   f"{_mean_and_std(r['held_out_verified'])} | "
-                   f"{_percent(r['error'])} | {_mean_and_std(r['transfer'])} |")
+      lines.append(f"| {name} | {r['description']} | {changes} | "
+                   f"{_one_or_mean(r['val_error'])} | {_mean_and_std(r['held_out_verified'])} | "
+                   f"{_one_or_mean(r['error'])} | {_mean_and_std(r['transfer'])} |")
     if len(variants) >= 3:
-      full = _rank_correlation([r["val_error"] for r in variants],
-                               [r["error"] for r in variants])
+      full = _rank_correlation([np.mean(r["val_error"]) for r in variants],
+                               [np.mean(r["error"]) for r in variants])
       agreement = [f"full supervision {full:.2f}"]
       if all(r["transfer"] for r in variants):
         held_out = _rank_correlation([np.mean(r["held_out_verified"]) for r in variants],
@@ -597,11 +644,11 @@ def main(_):
       "transfer": transfer(rows, truth, reference_sets, scores, full["methods"], info, out)}
   if FLAGS.ablations:
     result["ablation_transfer_n"] = FLAGS.ablation_transfer_n
-    result["ablation"] = ablation(rows, truth, reference_sets, full["methods"],
-                                  result["transfer"], info, out)
+    result["ablation_seeds"] = FLAGS.ablation_seeds
+    result["ablation"] = ablation(rows, truth, reference_sets, info, out)
   data.atomic_write_text(os.path.join(out, "detection_benchmark.json"),
                          json.dumps(result, indent=2) + "\n")
-  if result["transfer"]:
+  if held_out_any(result["transfer"]):
     plot(result["transfer"], os.path.join(out, "transfer.png"))
   if FLAGS.benchmarks_md:
     markdown_sections.update_file(FLAGS.benchmarks_md, section_name(FLAGS.run_dir, FLAGS.section),

@@ -13,7 +13,9 @@ wall time and peak resident memory are its own, with stdout and stderr in
 * features: tools.cifar10n_features for each of --label_columns (job
   ``features-<label>``: step 1, feature extraction, reference sets);
 * detection: tools.benchmark_detection on each of those feature runs (job
-  ``detection-<label>``);
+  ``detection-<label>``), and the --seeded_ablations against the defaults over
+  --ablation_seeds seeds, full supervision and the ablation's transfer only
+  (job ``ablation-seeds-<label>``);
 * the features diagnostic: for each --features_diagnostic pair LABEL:OTHER, a
   features job ``features-LABEL-step1_OTHER`` (LABEL's noisy labels on the
   features of OTHER's step-1 network, tools.cifar10n_features --step1_from)
@@ -108,6 +110,13 @@ flags.DEFINE_integer("transfer_splits", 3, "tools.benchmark_detection --transfer
 flags.DEFINE_list("ablations", [],
                   "tools.benchmark_detection --ablations (CleanNet variants, or 'all'); "
                   "empty: none.")
+flags.DEFINE_list("seeded_ablations", ["negative_weight_2.5", "dropout", "wider_embeddings"],
+                  "CleanNet variants (of --ablations' names) compared with the defaults over "
+                  "--ablation_seeds seeds on each label column (job ablation-seeds-<label>): "
+                  "those whose one-seed ablation rows are within run-to-run variation of the "
+                  "defaults. Empty: no such job.")
+flags.DEFINE_integer("ablation_seeds", 3,
+                     "tools.benchmark_detection --ablation_seeds of the ablation-seeds jobs.")
 flags.DEFINE_integer("finetune_steps", None,
                      "tools.cifar10n_classification --finetune_steps; unset: its default.")
 for _stage in STAGES:
@@ -221,7 +230,7 @@ def plan(out, data_dir):
   detection_extra = _extra_args("detection", {
       "run_dir", "clean_labels", "out", "benchmarks_md", "cleannet_steps", "transfer_n",
       "transfer_splits", "seed", "ablations", "cleannet_repeats", "cleannet_workers",
-      "section"})
+      "section", "ablation_seeds"})
   ablations = [f"--ablations={','.join(FLAGS.ablations)}"] if FLAGS.ablations else []
   cleannet_steps = ([] if FLAGS.cleannet_steps is None
                     else [f"--cleannet_steps={FLAGS.cleannet_steps}"])
@@ -238,12 +247,13 @@ def plan(out, data_dir):
                          ("reference sets", os.path.join(features, "references.npz"))),
         needs=needs)
 
-  def detection_job(name, features_job_name, caption, ablation_args, repeats, *extra):
+  def detection_job(name, features_job_name, caption, ablation_args, repeats, *extra,
+                    transfer_n=tuple(FLAGS.transfer_n)):
     return Job(
         name, "detection", "tools.benchmark_detection",
         [f"--run_dir={path(features_job_name)}",
          f"--clean_labels={os.path.join(data_dir, 'train.csv')}", f"--out={path(name)}",
-         *cleannet_steps, f"--transfer_n={','.join(FLAGS.transfer_n)}",
+         *cleannet_steps, f"--transfer_n={','.join(transfer_n)}",
          f"--transfer_splits={FLAGS.transfer_splits}", *ablation_args, f"--seed={FLAGS.seed}",
          f"--cleannet_repeats={repeats}", f"--cleannet_workers={FLAGS.cleannet_workers}",
          *extra, *detection_extra,
@@ -260,6 +270,13 @@ def plan(out, data_dir):
     jobs.append(features_job(f"features-{label}", label))
     jobs.append(detection_job(f"detection-{label}", f"features-{label}", label, ablations,
                               FLAGS.cleannet_repeats))
+    if FLAGS.seeded_ablations:
+      # Full supervision and the ablation's transfer only: no transfer table.
+      jobs.append(detection_job(
+          f"ablation-seeds-{label}", f"features-{label}", label,
+          [f"--ablations={','.join(FLAGS.seeded_ablations)}",
+           f"--ablation_seeds={FLAGS.ablation_seeds}"], FLAGS.ablation_seeds,
+          f"--section=ablation-seeds-{label}", transfer_n=("0",)))
   for label, other in features_diagnostic_pairs():
     suffix = f"{label}-step1_{other}"
     jobs.append(features_job(f"features-{suffix}", label,
@@ -298,7 +315,8 @@ def benchmarks_command():
   for name in ("data", "out", "seed", "label_columns", "features_diagnostic",
                "classification_label", "step1_epochs", "cleannet_steps", "cleannet_repeats",
                "cleannet_workers", "transfer_n", "transfer_splits",
-               "ablations", "finetune_steps", *(f"{stage}_args" for stage in STAGES)):
+               "ablations", "seeded_ablations", "ablation_seeds", "finetune_steps",
+               *(f"{stage}_args" for stage in STAGES)):
     flag = FLAGS[name]
     if name in ("data", "seed") or flag.value != flag.default:
       if flag.value is not None:
