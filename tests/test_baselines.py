@@ -296,6 +296,10 @@ def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(
                                                                  config)
   assert {run.config.seed for run in planned} == {0, 1}
   assert {run.model_config["dropout"] for run in planned} == {0.0, 0.2}
+  with flagsaver.flagsaver(ablations=[], transfer_n=["0"], cleannet_repeats=2):
+    # Without ablations, nothing of theirs (nor the defaults' transfer) is trained.
+    assert [run.model_dir for run in benchmark_detection.cleannet_runs(
+        rows, reference_sets, info, out)] == [os.path.join(out, "cleannet-seed1")]
   assert all(len(variant["val_error"]) == ablation_seeds
              and len(variant["transfer"]) == 2 * ablation_seeds
              for variant in ablation.values())

@@ -292,7 +292,8 @@ def cleannet_runs(rows, reference_sets, info, out):
       masked_info = held_out_split(rows, n, split, info, out)[-1]
       planned.append((masked_info, transfer_model_dir(out, n, split), None))
   n = FLAGS.ablation_transfer_n
-  for name, (_, overrides) in ablation_variants(with_defaults=True).items():
+  variants = ablation_variants(with_defaults=True) if FLAGS.ablations else {}
+  for name, (_, overrides) in variants.items():
     for repeat in range(FLAGS.ablation_seeds):
       planned.append((info, *seeded_run(ablation_model_dir(out, name), repeat, overrides)))
       for split in range(FLAGS.transfer_splits if n else 0):
