@@ -71,7 +71,7 @@ flags.DEFINE_integer("ablation_seeds", 1,
                      "--seed+1, ... (initial weights and batch order; the validation rows "
                      "and class splits stay those of --seed); more than one makes every "
                      "column the mean over seeds, so that variants are compared beyond "
-                     "one run's batch order.")
+                     "one run's batch order.", lower_bound=1)
 flags.DEFINE_integer("cleannet_workers", 1,
                      "CleanNet runs of the repeats, transfer and ablations trained at once, "
                      "each in its own process (training.train_in_processes) before the "

@@ -116,7 +116,8 @@ flags.DEFINE_list("seeded_ablations", ["negative_weight_2.5", "dropout", "wider_
                   "those whose one-seed ablation rows are within run-to-run variation of the "
                   "defaults. Empty: no such job.")
 flags.DEFINE_integer("ablation_seeds", 3,
-                     "tools.benchmark_detection --ablation_seeds of the ablation-seeds jobs.")
+                     "tools.benchmark_detection --ablation_seeds of the ablation-seeds jobs.",
+                     lower_bound=1)
 flags.DEFINE_integer("finetune_steps", None,
                      "tools.cifar10n_classification --finetune_steps; unset: its default.")
 for _stage in STAGES:
