@@ -8,8 +8,10 @@ momentum and a cosine learning-rate decay, under a ``tf.distribute`` strategy.
 Step 3 of the alternating scheme (Sec. 3.3) is the same loop with per-image
 sample weights w (Eq. 14: w * cross-entropy), started from a trained
 classifier (``init_classifier``) and, in later rounds, with the backbone
-frozen (``train_backbone=False``). Weights are given per source row and ride
-through the input pipeline next to the labels.
+frozen (``train_backbone=False``). Weights are given per source row. By
+default (``sample_weighting="sampling"``) the input pipeline draws each row
+with probability w / max(w); with "loss" every row is drawn and w rides
+through the pipeline next to the label into the loss.
 
 Resume is exact without checkpointing a tf.data iterator (whose shuffle
 buffer of a million file names would be saved with every checkpoint): the
@@ -62,6 +64,17 @@ class ClassifierConfig:
   # backbone f_cl is trained or frozen (only the dense head learns).
   init_classifier: Optional[str] = None
   train_backbone: bool = True
+  # How sample weights w enter training (SAMPLE_WEIGHTINGS): "loss" multiplies
+  # each image's cross-entropy by w (Eq. 14 literally; batches drawn
+  # uniformly); "sampling" draws each row with probability w / max(w) and
+  # weighs every drawn image 1. Both minimise the same objective in
+  # expectation, but sampling fills every batch with images that count, so a
+  # fixed step budget is not spent on rows weighted ~0; for w_hard it is the
+  # explicit removal of flagged rows that Sec. 3.3 equates it with.
+  sample_weighting: str = "sampling"
+
+
+SAMPLE_WEIGHTINGS = ("sampling", "loss")
 
 
 def use_mixed_precision_on_gpus() -> bool:
@@ -98,8 +111,10 @@ def training_dataset(source: images.ImageSource, config: ClassifierConfig,
     start: position of the first element (global over all input pipelines).
     input_context: from ``distribute_datasets_from_function``; this pipeline
       decodes only its share of the elements.
-    sample_weights: float32 [N], the loss weight of each source row; None
-      for all 1.
+    sample_weights: float32 [N], the weight of each source row; None for all
+      1. With ``config.sample_weighting == "sampling"`` a row is drawn with
+      probability w / max(w) (every drawn image weighs 1), otherwise w is
+      the element's loss weight.
 
   Returns:
     Dataset of (images float [b, H, W, 3], class ids int64 [b], weights
@@ -110,28 +125,51 @@ def training_dataset(source: images.ImageSource, config: ClassifierConfig,
   # skip() replays the stream up to `start` on undecoded records only.
   stream = (source.records()
             .shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
-            .repeat().enumerate().skip(start))
+            .repeat())
+  loss_weights = None
+  if sample_weights is not None and config.sample_weighting == "sampling":
+    stream = draw_by_weight(stream, sample_weights, config.seed)
+  elif sample_weights is not None:
+    # Looked up by row index, so the weights follow the rows through shuffling.
+    loss_weights = tf.constant(sample_weights, tf.float32)
+  stream = stream.enumerate().skip(start)
   batch = config.global_batch_size
   if input_context is not None:
     stream = stream.shard(input_context.num_input_pipelines,
                           input_context.input_pipeline_id)
     batch = input_context.get_per_replica_batch_size(batch)
   pad = int(round(config.pad_fraction * min(config.image_size)))
-  # Looked up by row index, so the weights follow the rows through shuffling.
-  weights = (None if sample_weights is None
-             else tf.constant(sample_weights, tf.float32))
 
   def load(position, record):
     image = images.decode(source.encoded_bytes(record), config.image_size)
     seed = tf.stack([tf.constant(config.seed, tf.int64), position])
-    weight = (tf.constant(1.0) if weights is None
-              else tf.gather(weights, record["index"]))
+    weight = (tf.constant(1.0) if loss_weights is None
+              else tf.gather(loss_weights, record["index"]))
     return augment(image, seed, pad), record["class_id"], weight
 
   return (stream.map(load, num_parallel_calls=tf.data.AUTOTUNE)
           .ignore_errors()  # extraction lists the unreadable rows
           .batch(batch, drop_remainder=True)
           .prefetch(tf.data.AUTOTUNE))
+
+
+def draw_by_weight(records: tf.data.Dataset, sample_weights: np.ndarray,
+                    seed: int) -> tf.data.Dataset:
+  """Keeps each record of the endless stream with probability w[index] / max(w).
+
+  The draw of the record at stream position p uses the stateless seed
+  (seed, -1 - p), which no augmentation uses (those are (seed, q >= 0)), so
+  the kept stream is a pure function of the position too and a resumed run
+  replays it exactly.
+  """
+  acceptance = tf.constant(sample_weights / sample_weights.max(), tf.float32)
+
+  def kept(position, record):
+    draw = tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.constant(seed, tf.int64), -1 - position]))
+    return draw < tf.gather(acceptance, record["index"])
+
+  return records.enumerate().filter(kept).map(lambda _, record: record)
 
 
 def evaluate_top1(model: keras.Model, source: images.ImageSource,
@@ -246,11 +284,17 @@ class ClassifierTrainer:
     self.model_dir = model_dir
     self.config = config
     self.strategy = strategy or tf.distribute.get_strategy()
+    if config.sample_weighting not in SAMPLE_WEIGHTINGS:
+      raise InputError(f"--sample_weighting={config.sample_weighting!r}: not one of "
+                       f"{', '.join(SAMPLE_WEIGHTINGS)}")
     if config.global_batch_size % self.strategy.num_replicas_in_sync:
       raise InputError(f"--batch_size={config.global_batch_size} is not divisible "
                        f"by the {self.strategy.num_replicas_in_sync} replicas")
     self.sample_weights = (None if sample_weights is None else
                            _check_sample_weights(sample_weights, source.num_rows))
+    if (self.sample_weights is not None and config.sample_weighting == "sampling"
+        and not self.sample_weights.any()):
+      raise InputError("sample weights: all 0, no row can be drawn")
     self.mixed_precision = use_mixed_precision_on_gpus()
     keras.utils.set_random_seed(config.seed)
     with self.strategy.scope():
@@ -343,6 +387,9 @@ class ClassifierTrainer:
                "config": dataclasses.asdict(config)}
     if self.sample_weights is not None:
       summary["mean_sample_weight"] = float(self.sample_weights.mean())
+      if config.sample_weighting == "sampling":
+        summary["sampled_row_fraction"] = float(self.sample_weights.mean()
+                                                / self.sample_weights.max())
     if test_source is not None:
       if tuple(test_source.class_names) != tuple(self.source.class_names):
         raise InputError(f"{test_source.description}: class names differ from "

@@ -44,7 +44,8 @@ def _one_step(source, weight, model_dir, strategy=None):
   # Without weight decay: decoupled decay shrinks kernels whatever the loss.
   # Momentum starts at zero, so a zero gradient moves nothing in step one.
   config = classifier.ClassifierConfig(image_size=(16, 16), steps=1,
-                                       global_batch_size=2, weight_decay=0.0)
+                                       global_batch_size=2, weight_decay=0.0,
+                                       sample_weighting="loss")
   trainer = classifier.ClassifierTrainer(single, model_dir, config, strategy,
                                          sample_weights=np.array([weight]))
   before = [v.numpy().copy() for v in trainer.model.trainable_variables]
@@ -54,7 +55,7 @@ def _one_step(source, weight, model_dir, strategy=None):
 
 
 @pytest.mark.parametrize("mirrored", [False, True])
-def test_a_zero_weight_leaves_the_classifier_unchanged(tmp_path, source, mirrored, request):
+def test_a_zero_loss_weight_leaves_the_classifier_unchanged(tmp_path, source, mirrored, request):
   # Batch-norm moving statistics follow the forward pass, not the loss, so
   # the claim is about the trainable weights.
   strategy = request.getfixturevalue("two_cpu_strategy") if mirrored else None

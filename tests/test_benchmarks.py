@@ -205,6 +205,17 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   assert "| ship | 12 |" in classification
   assert "| noisy | w_soft, mean 1 per class |" in classification
   assert "| noisy | w_soft, n classes unverified |" in classification
+  assert "| noisy | w_soft, mean 1 per class, in the loss |" in classification
+  # Weighted variants draw rows by weight unless their weights enter the loss.
+  finetuned = out / "features-worse_label" / "classification"
+  summaries = {name: json.loads((finetuned / f"finetune-{name}" / "summary.json")
+                                .read_text(encoding="utf-8"))
+               for name in ("w_soft", "w_soft_loss", "clean")}
+  assert summaries["w_soft"]["config"]["sample_weighting"] == "sampling"
+  assert 0 < summaries["w_soft"]["sampled_row_fraction"] <= 1
+  assert summaries["w_soft_loss"]["config"]["sample_weighting"] == "loss"
+  assert "sampled_row_fraction" not in summaries["w_soft_loss"]
+  assert "mean_sample_weight" not in summaries["clean"]
   assert "CleanNet* " in classification and "CleanNet* (the paper" in classification
   scratch = markdown_sections.extract_section(text, "classification-scratch")
   assert "--from_scratch" in scratch and "trains from random weights" in scratch
@@ -222,7 +233,9 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   assert not (out / "features-worse_label" / "classification-scratch" / "finetune-none").exists()
   if result["top1"]["clean"] != result["top1"]["none"]:
     assert "that each weighting recovers: w_hard (Eq. 13) " in scratch
-    assert set(result["gap_recovered"]) == {"w_hard", "w_soft", "w_soft_balanced"}
+    assert set(result["gap_recovered"]) == {"w_hard", "w_soft", "w_soft_balanced",
+                                            "w_hard_loss", "w_soft_loss",
+                                            "w_soft_balanced_loss"}
   cost = markdown_sections.extract_section(text, "cost")
   assert "| features-worse_label |" in cost and "| classification |" in cost
   assert "| classification-scratch |" in cost

@@ -1,5 +1,6 @@
 """Image inputs, backbones and step-1 training."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -113,11 +114,16 @@ def _config(steps):
                                      log_every=2, learning_rate=0.05)
 
 
-def test_step1_resume_matches_a_straight_run(tmp_path):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_step1_resume_matches_a_straight_run(tmp_path, weighted):
   source = images.read_manifest(write_images(tmp_path))
-  straight = classifier.ClassifierTrainer(source, str(tmp_path / "a"), _config(6))
+  # Weighted: step 3's default, rows drawn by weight (a third never).
+  weights = (np.arange(source.num_rows) % 3 / 2).astype(np.float32) if weighted else None
+  straight = classifier.ClassifierTrainer(source, str(tmp_path / "a"), _config(6),
+                                          sample_weights=weights)
   straight.train()
-  killed = classifier.ClassifierTrainer(source, str(tmp_path / "b"), _config(6))
+  killed = classifier.ClassifierTrainer(source, str(tmp_path / "b"), _config(6),
+                                        sample_weights=weights)
   step = killed._train_step
   def step_then_die(*batch):
     if killed.step == 3:  # after the checkpoint at step 2
@@ -126,7 +132,8 @@ def test_step1_resume_matches_a_straight_run(tmp_path):
   killed._train_step = step_then_die
   with pytest.raises(KeyboardInterrupt):
     killed.train()
-  resumed = classifier.ClassifierTrainer(source, str(tmp_path / "b"), _config(6))
+  resumed = classifier.ClassifierTrainer(source, str(tmp_path / "b"), _config(6),
+                                         sample_weights=weights)
   resumed.manager.restore_or_initialize()
   assert resumed.step == 2
   summary = resumed.train(test_source=source)
@@ -138,6 +145,51 @@ def test_step1_resume_matches_a_straight_run(tmp_path):
   x = np.full((1, 16, 16, 3), 128.0, np.float32)
   np.testing.assert_allclose(extractor(x), backbones.feature_extractor(resumed.model)(x),
                              rtol=1e-5)
+
+
+def _drawn_rows(source, weights, seed):
+  stream = classifier.draw_by_weight(source.records().repeat(), weights, seed)
+  return next(iter(stream.map(lambda record: record["index"]).batch(5000))).numpy()
+
+
+def test_sampling_draws_rows_in_proportion_to_their_weight(tmp_path):
+  source = images.read_manifest(write_images(tmp_path))
+  weights = np.zeros(source.num_rows, np.float32)
+  weights[:10], weights[10:20] = 1.0, 0.25
+  drawn = _drawn_rows(source, weights, seed=0)
+  counts = np.bincount(drawn, minlength=source.num_rows)
+  assert counts[20:].sum() == 0 and counts[:20].min() > 0
+  assert 3.5 < counts[:10].sum() / counts[10:20].sum() < 4.6
+  np.testing.assert_array_equal(_drawn_rows(source, weights, seed=0), drawn)
+  assert not np.array_equal(_drawn_rows(source, weights, seed=1), drawn)
+
+
+def test_weights_enter_batches_by_sampling_or_in_the_loss(tmp_path):
+  source = images.read_manifest(write_images(tmp_path))
+  weights = np.where(source.class_ids == 0, 0.5, 0.0).astype(np.float32)
+  sampled = classifier.training_dataset(source, _config(1), 0, sample_weights=weights)
+  for _, labels, batch_weights in sampled.take(4):
+    np.testing.assert_array_equal(labels, 0)
+    np.testing.assert_array_equal(batch_weights, 1.0)
+  in_loss = classifier.training_dataset(
+      source, dataclasses.replace(_config(1), sample_weighting="loss"), 0,
+      sample_weights=weights)
+  _, labels, batch_weights = next(iter(in_loss))
+  assert set(labels.numpy()) == {0, 1, 2}
+  np.testing.assert_array_equal(batch_weights, np.where(labels == 0, 0.5, 0.0))
+
+
+@pytest.mark.parametrize("config, weights, message", [
+    (dataclasses.replace(_config(1), sample_weighting="drop"), None,
+     "--sample_weighting='drop': not one of sampling, loss"),
+    (_config(1), 0.0, "sample weights: all 0, no row can be drawn"),
+])
+def test_bad_sample_weighting_is_refused(tmp_path, config, weights, message):
+  source = images.read_manifest(write_images(tmp_path))
+  with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    classifier.ClassifierTrainer(
+        source, str(tmp_path / "m"), config,
+        sample_weights=None if weights is None else np.full(source.num_rows, weights))
 
 
 def test_step1_under_mirrored_strategy(tmp_path, two_cpu_strategy):

@@ -71,8 +71,10 @@ PAPER_DEMO_ARGS = ("--standardize_features=false", "--optimizer=sgd", "--learnin
                    "--gamma=0.1", "--pseudo_label_margin=0.1")
 FIGURES_DIR = os.path.join("docs", "benchmarks")
 # The classification variants trained from scratch: each is a whole step-1
-# training (the longest job of the file), so the ones Table 3 compares.
-SCRATCH_VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "clean")
+# training (the longest job of the file), so the ones Table 3 compares, with
+# the weights drawing rows (the default) and entering the loss (the ablation).
+SCRATCH_VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_hard_loss",
+                    "w_soft_loss", "w_soft_balanced_loss", "clean")
 
 flags.DEFINE_string("data", None,
                     "CIFAR-10N folder (train.csv, test.csv, classes.txt); needed by the "

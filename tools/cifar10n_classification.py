@@ -7,7 +7,7 @@ Starting from the step-1 classifier, CIFAR-10N features and reference sets
 that tools.cifar10n_features left in --out, this trains CleanNet (step 2),
 scores every training image (step 3's weights), then fine-tunes the step-1
 classifier once per variant with the same budget (--finetune_steps at
---finetune_learning_rate, same seed and batches) or, with --from_scratch,
+--finetune_learning_rate, same seed) or, with --from_scratch,
 trains each variant from random weights with step 1's own recipe (its steps,
 batch, learning rate and seed: the unweighted variant is step 1 itself):
 
@@ -15,6 +15,11 @@ batch, learning rate and seed: the unweighted variant is step 1 itself):
 * w_hard / w_soft: noisy labels weighted by CleanNet (Eq. 12-14);
 * w_soft_balanced: w_soft rescaled to a mean of 1 in every noisy class
   (``detection.balance_per_class``);
+* w_soft_holdout: w_soft of a CleanNet trained without the verification
+  labels of --holdout_classes classes (the Fig. 6 analog);
+* w_hard_loss, w_soft_loss, w_soft_balanced_loss: the same weights entering
+  training as loss weights (``sample_weighting="loss"``, Eq. 14 literally)
+  instead of the library's default, rows drawn with probability w / max(w);
 * clean: the true CIFAR-10 labels, weights 1 (the upper bound).
 
 --variants chooses among them. Each variant's test top-1, and the share of
@@ -42,7 +47,10 @@ from tools import prepare_cifar10n  # pylint: disable=unused-import (its flags)
 from cleannet_tf import (alternating, classifier, data, detection, images, training)
 from cleannet_tf.errors import InputError
 
-VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_soft_holdout", "clean")
+VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_soft_holdout", "w_hard_loss",
+            "w_soft_loss", "w_soft_balanced_loss", "clean")
+# Variants whose weights enter the loss rather than the drawing of rows.
+LOSS_SUFFIX = "_loss"
 
 flags.DEFINE_bool("from_scratch", False,
                   "Train every variant from random weights with step 1's recipe instead of "
@@ -63,12 +71,16 @@ flags.DEFINE_string("benchmarks_md", "",
 FLAGS = flags.FLAGS
 
 SECTIONS = {False: "classification", True: "classification-scratch"}  # by from_scratch
-WEIGHTED = ("w_hard", "w_soft", "w_soft_balanced", "w_soft_holdout")
+WEIGHTED = tuple(name for name in VARIANTS if name.startswith("w_"))
 NOISY_COLUMNS = ("worse_label", "aggre_label")
 ROWS = {"step1": ("noisy (step 1 only)", "1"), "none": ("noisy", "1"),
         "w_hard": ("noisy", "w_hard (Eq. 13)"), "w_soft": ("noisy", "w_soft (Eq. 12)"),
         "w_soft_balanced": ("noisy", "w_soft, mean 1 per class"),
-        "w_soft_holdout": ("noisy", "w_soft, n classes unverified"), "clean": ("clean", "1")}
+        "w_soft_holdout": ("noisy", "w_soft, n classes unverified"),
+        "w_hard_loss": ("noisy", "w_hard, in the loss"),
+        "w_soft_loss": ("noisy", "w_soft, in the loss"),
+        "w_soft_balanced_loss": ("noisy", "w_soft, mean 1 per class, in the loss"),
+        "clean": ("clean", "1")}
 
 
 def _clean_class_ids(data_dir, train, class_names):
@@ -138,13 +150,13 @@ def markdown(result):
     title = "from scratch"
     recipe = (f"Every variant trains from random weights with step 1's recipe "
               f"({finetune['steps']} steps of batch {finetune['batch_size']}, lr "
-              f"{finetune['learning_rate']:g} cosine, same seed, same image order and "
-              "augmentation), so the unweighted noisy variant is step 1 itself")
+              f"{finetune['learning_rate']:g} cosine, same seed), so the unweighted noisy "
+              "variant is step 1 itself")
   else:
     title = "fine-tuning step 1"
     recipe = (f"Every variant then fine-tunes that same checkpoint for {finetune['steps']} "
               f"steps (batch {finetune['batch_size']}, lr {finetune['learning_rate']:g} "
-              "cosine, same seed, same image order and augmentation)")
+              "cosine, same seed)")
   recovered = gap_recovered(result["top1"])
   lines = [
       f"## Classification with CleanNet's sample weights, {title} (CIFAR-10N, Table 3 "
@@ -155,7 +167,10 @@ def markdown(result):
       f"per class). Step 1: the small ResNet trained {step1['epochs']:.3g} epochs "
       f"({step1['steps']} steps of batch {step1['batch_size']}) on the noisy labels. "
       f"{recipe}; CleanNet (library defaults, "
-      f"{result['cleannet_steps']:,} steps) gives the weights. Test top-1 on the "
+      f"{result['cleannet_steps']:,} steps) gives the weights. A weighted variant draws "
+      "each row with probability w / max(w) and weighs every drawn image 1 (the "
+      "library's default); the rows \"in the loss\" draw every row alike and multiply "
+      "its cross-entropy by w instead (Eq. 14 literally). Test top-1 on the "
       f"{step1['test_images']:,} clean test images:", "",
       _markdown(result).rstrip("\n"), ""]
   if recovered:
@@ -200,8 +215,11 @@ def plot(result, path):
   rows = [name for name in ROWS if name in result["top1"]]
   names = [f"{ROWS[name][0]}\n{textwrap.fill(ROWS[name][1], 14)}" for name in rows]
   values = [100 * result["top1"][name] for name in rows]
-  figure, axes = plt.subplots(figsize=(7, 3.5))
-  bars = axes.bar(names, values, color=["0.6", "C0", "C1", "C2", "C3"])
+  # Grey: unweighted; blue: rows drawn by weight (the default); orange: in the loss.
+  colors = ["0.6" if name not in WEIGHTED else "C1" if name.endswith(LOSS_SUFFIX) else "C0"
+            for name in rows]
+  figure, axes = plt.subplots(figsize=(max(7.0, 1.2 * len(rows)), 3.5))
+  bars = axes.bar(names, values, color=colors)
   axes.bar_label(bars, fmt="%.2f")
   axes.set_ylabel("test top-1 (%)")
   axes.set_ylim(max(0.0, min(values) - 10), min(100.0, max(values) + 5))
@@ -338,6 +356,8 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
              "w_soft_balanced": (train, weights["w_soft_balanced"]),
              "w_soft_holdout": (train, holdout_weights["w_soft"] if len(held_out) else None),
              "clean": (dataclasses.replace(train, class_ids=clean_ids), None)}
+  for name in ("w_hard", "w_soft", "w_soft_balanced"):
+    sources[name + LOSS_SUFFIX] = sources[name]
   # From scratch, the unweighted noisy variant would repeat step 1 exactly.
   top1 = {"none": step1["test_top1"]} if from_scratch else {"step1": step1["test_top1"]}
   for name in VARIANTS:
@@ -347,7 +367,9 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
     directory = os.path.join(work, f"finetune-{name}")
     if not os.path.exists(os.path.join(directory, alternating.SUMMARY_FILE)):
       source, sample_weights = sources[name]
-      classifier.ClassifierTrainer(source, directory, config.finetune,
+      variant = (dataclasses.replace(config.finetune, sample_weighting="loss")
+                 if name.endswith(LOSS_SUFFIX) else config.finetune)
+      classifier.ClassifierTrainer(source, directory, variant,
                                    sample_weights=sample_weights).train(test)
     top1[name] = alternating.read_json(
         os.path.join(directory, alternating.SUMMARY_FILE))["test_top1"]

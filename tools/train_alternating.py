@@ -48,6 +48,10 @@ flags.DEFINE_float("classifier_weight_decay", _STEP1.weight_decay,
 flags.DEFINE_integer("finetune_steps", _FINETUNE.steps, "Step-3 fine-tuning steps.")
 flags.DEFINE_float("finetune_learning_rate", _FINETUNE.learning_rate,
                    "Step-3 initial learning rate (cosine decay).")
+flags.DEFINE_enum("sample_weighting", _FINETUNE.sample_weighting,
+                  list(classifier.SAMPLE_WEIGHTINGS),
+                  "How step 3 uses the weights: sampling draws each row with probability "
+                  "w / max(w); loss multiplies its cross-entropy by w (Eq. 14).")
 flags.DEFINE_integer("extract_batch_size", 256, "Images per extraction batch.")
 flags.mark_flags_as_required(["out", "test_manifest"])
 FLAGS = flags.FLAGS
@@ -69,6 +73,7 @@ def config_from_flags():
                                         **shared),
       finetune=classifier.ClassifierConfig(steps=FLAGS.finetune_steps,
                                            learning_rate=FLAGS.finetune_learning_rate,
+                                           sample_weighting=FLAGS.sample_weighting,
                                            **shared),
       cleannet_model=model, cleannet=cleannet_flags.train_config(),
       num_references=FLAGS.num_references,

@@ -52,6 +52,10 @@ flags.DEFINE_string("sample_weights", None,
                     "weights.npz with w_soft/w_hard per manifest row; unset: all 1.")
 flags.DEFINE_enum("weighting", "soft", list(alternating.WEIGHTINGS),
                   "Which weights of --sample_weights: soft (Eq. 12) or hard (Eq. 13).")
+flags.DEFINE_enum("sample_weighting", _DEFAULT.sample_weighting,
+                  list(classifier.SAMPLE_WEIGHTINGS),
+                  "How --sample_weights enter training: sampling draws each row with "
+                  "probability w / max(w); loss multiplies its cross-entropy by w.")
 flags.mark_flags_as_required(["model_dir"])
 FLAGS = flags.FLAGS
 
@@ -68,7 +72,8 @@ def main(_):
       momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
       seed=FLAGS.seed, init_classifier=FLAGS.init_classifier,
-      train_backbone=not FLAGS.freeze_backbone)
+      train_backbone=not FLAGS.freeze_backbone,
+      sample_weighting=FLAGS.sample_weighting)
   weights = None
   if FLAGS.sample_weights:
     weights = alternating.load_weights(FLAGS.sample_weights, FLAGS.weighting,
