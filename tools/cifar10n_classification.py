@@ -213,12 +213,12 @@ def plot(result, path):
   if plt is None:
     return None
   rows = [name for name in ROWS if name in result["top1"]]
-  names = [f"{ROWS[name][0]}\n{textwrap.fill(ROWS[name][1], 14)}" for name in rows]
+  names = [f"{ROWS[name][0]}\n{textwrap.fill(ROWS[name][1], 12)}" for name in rows]
   values = [100 * result["top1"][name] for name in rows]
   # Grey: unweighted; blue: rows drawn by weight (the default); orange: in the loss.
   colors = ["0.6" if name not in WEIGHTED else "C1" if name.endswith(LOSS_SUFFIX) else "C0"
             for name in rows]
-  figure, axes = plt.subplots(figsize=(max(7.0, 1.2 * len(rows)), 3.5))
+  figure, axes = plt.subplots(figsize=(max(7.0, 1.4 * len(rows)), 3.8))
   bars = axes.bar(names, values, color=colors)
   axes.bar_label(bars, fmt="%.2f")
   axes.set_ylabel("test top-1 (%)")
