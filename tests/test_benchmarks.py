@@ -343,3 +343,36 @@ def test_seeded_ablation_jobs_follow_each_detection_job():
       "  assert arg in args, (arg, args)\n"
       "flags.FLAGS(['x', '--data=d', '--seeded_ablations='])\n"
       "assert not [job for job in benchmarks.plan('o', 'd') if job.name.startswith('ablation')]\n")
+
+
+def test_classification_check_jobs_repeat_the_scratch_variants_on_other_labels():
+  assert_passes_in_a_fresh_process(textwrap.dedent("""
+      import pytest
+      from absl import flags
+      from tools import benchmarks
+      from cleannet_tf.errors import InputError
+      flags.FLAGS(['x', '--data=d'])
+      jobs = {job.name: job for job in benchmarks.plan('o', 'd')}
+      names = list(jobs)
+      assert names[-3:] == ['classification', 'classification-scratch',
+                            'classification-scratch-aggre_label'], names
+      check = jobs['classification-scratch-aggre_label']
+      for arg in ['--out=o/features-aggre_label', '--from_scratch',
+                  '--variants=none,w_soft,w_soft_loss,clean',
+                  '--benchmarks_md=o/sections/classification-scratch-aggre_label.md']:
+        assert arg in check.args, (arg, check.args)
+      assert check.output_dir == 'o/features-aggre_label/classification-scratch'
+      assert check.sections == ('classification-scratch',)
+      assert check.needs == ('features-aggre_label',)
+      # A default column outside --label_columns is skipped; a given one refused.
+      flags.FLAGS(['x', '--data=d', '--label_columns=worse_label'])
+      assert 'classification-scratch-aggre_label' not in [
+          job.name for job in benchmarks.plan('o', 'd')]
+      flags.FLAGS(['x', '--data=d', '--label_columns=worse_label',
+                   '--classification_checks=aggre_label'])
+      with pytest.raises(InputError, match="must be in --label_columns"):
+        benchmarks.plan('o', 'd')
+      flags.FLAGS(['x', '--data=d', '--classification_checks=worse_label'])
+      with pytest.raises(InputError, match="not --classification_label"):
+        benchmarks.plan('o', 'd')
+      """))

@@ -25,7 +25,10 @@ wall time and peak resident memory are its own, with stdout and stderr in
   --classification_label (its step 1, features and reference sets reused):
   fine-tuning step 1 with each weighting (job ``classification``), and
   training the SCRATCH_VARIANTS from scratch with step 1's recipe (job
-  ``classification-scratch``).
+  ``classification-scratch``); then, on the feature run of each of
+  --classification_checks, the CHECK_VARIANTS from scratch (job
+  ``classification-scratch-LABEL``): the weighting default on labels it was
+  not chosen on.
 
 Each tool writes its own section (its ``markdown(result)``) into
 <out>/sections/<job>.md, given as its --benchmarks_md; the features sections
@@ -75,6 +78,9 @@ FIGURES_DIR = os.path.join("docs", "benchmarks")
 # the weights drawing rows (the default) and entering the loss (the ablation).
 SCRATCH_VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_hard_loss",
                     "w_soft_loss", "w_soft_balanced_loss", "clean")
+# The from-scratch check on the other label columns: w_soft drawn (the default)
+# against w_soft in the loss, between the unweighted noisy and clean labels.
+CHECK_VARIANTS = ("none", "w_soft", "w_soft_loss", "clean")
 
 flags.DEFINE_string("data", None,
                     "CIFAR-10N folder (train.csv, test.csv, classes.txt); needed by the "
@@ -90,6 +96,11 @@ flags.DEFINE_list("label_columns", list(LABEL_COLUMNS),
                   "CIFAR-10N noisy label columns with a features and a detection job each.")
 flags.DEFINE_string("classification_label", "worse_label",
                     "Label column whose feature run the classification stage uses.")
+flags.DEFINE_list("classification_checks", ["aggre_label"],
+                  "Label columns (of --label_columns, not --classification_label) on whose "
+                  "feature run the from-scratch classification is repeated with "
+                  f"{', '.join(CHECK_VARIANTS)} (job classification-scratch-<label>): the "
+                  "weighting default checked on labels it was not chosen on. Empty: none.")
 flags.DEFINE_list("features_diagnostic", ["worse_label:aggre_label"],
                   "LABEL:OTHER pairs: the features and detection stages also run on LABEL's "
                   "noisy labels with the features of OTHER's step-1 network (OTHER's labels "
@@ -196,6 +207,26 @@ def features_diagnostic_pairs():
   return pairs
 
 
+def classification_checks():
+  """The label columns of --classification_checks to run.
+
+  A column runs when it is in --label_columns and is not
+  --classification_label; otherwise a default column is skipped and a given
+  one refused.
+  """
+  checks = []
+  for label in FLAGS.classification_checks:
+    if label not in LABEL_COLUMNS:
+      raise InputError(f"--classification_checks: {label!r} is not a column of "
+                       f"{', '.join(LABEL_COLUMNS)}")
+    if label in FLAGS.label_columns and label != FLAGS.classification_label:
+      checks.append(label)
+    elif FLAGS["classification_checks"].present:
+      raise InputError(f"--classification_checks: {label!r} must be in --label_columns "
+                       f"({','.join(FLAGS.label_columns)}) and not --classification_label")
+  return checks
+
+
 def plan(out, data_dir):
   """Every job of every stage, in the order they run (and their sections appear).
 
@@ -288,27 +319,35 @@ def plan(out, data_dir):
     jobs.append(detection_job(f"detection-{suffix}", f"features-{suffix}",
                               f"{label}, features of the {other} step 1", [], 1,
                               f"--section=detection-{suffix}"))
-  features = path(f"features-{FLAGS.classification_label}")
   finetune_steps = ([] if FLAGS.finetune_steps is None
                     else [f"--finetune_steps={FLAGS.finetune_steps}"])
   classification_extra = _extra_args("classification", {
       "data", "out", "cleannet_steps", "finetune_steps", "seed", "benchmarks_md",
       "from_scratch", "variants"})
-  for name, steps, mode, caption in [
-      ("classification", finetune_steps, [], "each fine-tuning variant"),
-      ("classification-scratch", [],
+  # (job, label column, the tool's own section and work folder name, args, caption)
+  classification_jobs = [
+      ("classification", FLAGS.classification_label, "classification", finetune_steps,
+       "each fine-tuning variant"),
+      ("classification-scratch", FLAGS.classification_label, "classification-scratch",
        ["--from_scratch", f"--variants={','.join(SCRATCH_VARIANTS)}"],
-       "each variant trained from scratch")]:
-    work = os.path.join(features, name)
+       "each variant trained from scratch")]
+  classification_jobs += [
+      (f"classification-scratch-{label}", label, "classification-scratch",
+       ["--from_scratch", f"--variants={','.join(CHECK_VARIANTS)}"],
+       f"each variant trained from scratch on {label}")
+      for label in classification_checks()]
+  for name, label, tool_section, args, caption in classification_jobs:
+    features = path(f"features-{label}")
+    work = os.path.join(features, tool_section)
     jobs.append(Job(
         name, "classification", "tools.cifar10n_classification",
-        [f"--data={data_dir}", f"--out={features}", *cleannet_steps, *steps,
-         f"--seed={FLAGS.seed}", *mode, *classification_extra,
+        [f"--data={data_dir}", f"--out={features}", *cleannet_steps, *args,
+         f"--seed={FLAGS.seed}", *classification_extra,
          f"--benchmarks_md={os.path.join(sections, name + '.md')}"],
         work, result_file=os.path.join(work, "results.json"),
-        section_file=os.path.join(sections, name + ".md"), sections=(name,),
+        section_file=os.path.join(sections, name + ".md"), sections=(tool_section,),
         figure=(os.path.join(work, "top1.png"), f"CIFAR-10N test top-1 of {caption}"),
-        needs=(f"features-{FLAGS.classification_label}",)))
+        needs=(f"features-{label}",)))
   return jobs
 
 
@@ -316,7 +355,8 @@ def benchmarks_command():
   """This module's command line with the flags that shape the numbers."""
   args = []
   for name in ("data", "out", "seed", "label_columns", "features_diagnostic",
-               "classification_label", "step1_epochs", "cleannet_steps", "cleannet_repeats",
+               "classification_label", "classification_checks", "step1_epochs",
+               "cleannet_steps", "cleannet_repeats",
                "cleannet_workers", "transfer_n", "transfer_splits",
                "ablations", "seeded_ablations", "ablation_seeds", "finetune_steps",
                *(f"{stage}_args" for stage in STAGES)):
@@ -614,6 +654,8 @@ def _check_inputs(stages):
   if "classification" in stages and FLAGS.classification_label not in FLAGS.label_columns:
     raise InputError(f"--classification_label: {FLAGS.classification_label!r} is not "
                      "among --label_columns")
+  if "classification" in stages:
+    classification_checks()
   if not FLAGS.benchmarks_md:
     raise InputError("--benchmarks_md: empty")
   if not set(stages) & set(CIFAR_STAGES):
