@@ -324,25 +324,26 @@ def plan(out, data_dir):
   classification_extra = _extra_args("classification", {
       "data", "out", "cleannet_steps", "finetune_steps", "seed", "benchmarks_md",
       "from_scratch", "variants"})
-  # (job, label column, the tool's own section and work folder name, args, caption)
+  # (job, label column, the tool's own section and work folder name, its
+  # fine-tuning steps, its from-scratch flags, caption)
   classification_jobs = [
-      ("classification", FLAGS.classification_label, "classification", finetune_steps,
+      ("classification", FLAGS.classification_label, "classification", finetune_steps, [],
        "each fine-tuning variant"),
-      ("classification-scratch", FLAGS.classification_label, "classification-scratch",
+      ("classification-scratch", FLAGS.classification_label, "classification-scratch", [],
        ["--from_scratch", f"--variants={','.join(SCRATCH_VARIANTS)}"],
        "each variant trained from scratch")]
   classification_jobs += [
-      (f"classification-scratch-{label}", label, "classification-scratch",
+      (f"classification-scratch-{label}", label, "classification-scratch", [],
        ["--from_scratch", f"--variants={','.join(CHECK_VARIANTS)}"],
        f"each variant trained from scratch on {label}")
       for label in classification_checks()]
-  for name, label, tool_section, args, caption in classification_jobs:
+  for name, label, tool_section, steps, mode, caption in classification_jobs:
     features = path(f"features-{label}")
     work = os.path.join(features, tool_section)
     jobs.append(Job(
         name, "classification", "tools.cifar10n_classification",
-        [f"--data={data_dir}", f"--out={features}", *cleannet_steps, *args,
-         f"--seed={FLAGS.seed}", *classification_extra,
+        [f"--data={data_dir}", f"--out={features}", *cleannet_steps, *steps,
+         f"--seed={FLAGS.seed}", *mode, *classification_extra,
          f"--benchmarks_md={os.path.join(sections, name + '.md')}"],
         work, result_file=os.path.join(work, "results.json"),
         section_file=os.path.join(sections, name + ".md"), sections=(tool_section,),
