@@ -70,7 +70,9 @@ class ClassifierConfig:
   # weighs every drawn image 1. Both minimise the same objective in
   # expectation, but sampling fills every batch with images that count, so a
   # fixed step budget is not spent on rows weighted ~0; for w_hard it is the
-  # explicit removal of flagged rows that Sec. 3.3 equates it with.
+  # explicit removal of flagged rows that Sec. 3.3 equates it with. With
+  # little label noise, "loss" did better (BENCHMARKS.md, aggre_label): there
+  # drawing mostly thins out correct images.
   sample_weighting: str = "sampling"
 
 
