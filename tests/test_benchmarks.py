@@ -358,7 +358,7 @@ def test_classification_check_jobs_repeat_the_scratch_variants_on_other_labels()
                             'classification-scratch-aggre_label'], names
       check = jobs['classification-scratch-aggre_label']
       for arg in ['--out=o/features-aggre_label', '--from_scratch',
-                  '--variants=none,w_soft,w_soft_loss,clean',
+                  '--variants=none,w_hard,w_soft,w_soft_loss,clean',
                   '--benchmarks_md=o/sections/classification-scratch-aggre_label.md']:
         assert arg in check.args, (arg, check.args)
       assert check.output_dir == 'o/features-aggre_label/classification-scratch'

@@ -79,8 +79,9 @@ FIGURES_DIR = os.path.join("docs", "benchmarks")
 SCRATCH_VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_hard_loss",
                     "w_soft_loss", "w_soft_balanced_loss", "clean")
 # The from-scratch check on the other label columns: w_soft drawn (the default)
-# against w_soft in the loss, between the unweighted noisy and clean labels.
-CHECK_VARIANTS = ("none", "w_soft", "w_soft_loss", "clean")
+# against w_soft in the loss, and w_hard drawn (the explicit removal of the
+# flagged rows), between the unweighted noisy and clean labels.
+CHECK_VARIANTS = ("none", "w_hard", "w_soft", "w_soft_loss", "clean")
 
 flags.DEFINE_string("data", None,
                     "CIFAR-10N folder (train.csv, test.csv, classes.txt); needed by the "
