@@ -239,6 +239,31 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   cost = markdown_sections.extract_section(text, "cost")
   assert "| features-worse_label |" in cost and "| classification |" in cost
   assert "| classification-scratch |" in cost
+  # Round 2 (opt-in): CleanNet*'s weights train two more variants; the first
+  # round's trainings and CleanNet* are reused, not trained again.
+  work = out / "features-worse_label" / "classification-scratch"
+  trained_before = (work / "finetune-w_soft" / "summary.json").stat().st_mtime_ns
+  round2 = [sys.executable, "-m", "tools.cifar10n_classification", f"--data={data}",
+            f"--out={out / 'features-worse_label'}", "--from_scratch", "--cleannet_steps=10",
+            "--finetune_batch_size=8"]
+  result = subprocess.run([*round2, "--variants=none,w_soft,w_hard_star,w_soft_star,clean"],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = json.loads((work / "results.json").read_text(encoding="utf-8"))
+  assert {"w_hard_star", "w_soft_star"} <= set(result["top1"])
+  if result["top1"]["clean"] != result["top1"]["none"]:
+    assert {"w_hard_star", "w_soft_star"} <= set(result["gap_recovered"])
+  assert (work / "finetune-w_soft" / "summary.json").stat().st_mtime_ns == trained_before
+  star = np.load(work / "cleannet-star" / "weights.npz")
+  hard_star = json.loads((work / "finetune-w_hard_star" / "summary.json")
+                         .read_text(encoding="utf-8"))
+  assert hard_star["mean_sample_weight"] == pytest.approx(star["w_hard"].mean())
+  assert "| noisy | w_soft of CleanNet* (round 2) |" in (work / "results.md").read_text(
+      encoding="utf-8")
+  error = one_line_error(subprocess.run([*round2, "--variants=none,w_soft_star"],
+                                        capture_output=True, text=True, timeout=600))
+  assert error == ("error: --variants: w_soft_star needs w_soft (CleanNet* is trained on "
+                   "the features of its classifier)")
   # Detection needs its features run; a stage list without it is refused.
   error = one_line_error(run_benchmarks("--stages=detection", f"--data={data}",
                                         f"--out={tmp_path / 'other'}",

@@ -20,6 +20,10 @@ batch, learning rate and seed: the unweighted variant is step 1 itself):
 * w_hard_loss, w_soft_loss, w_soft_balanced_loss: the same weights entering
   training as loss weights (``sample_weighting="loss"``, Eq. 14 literally)
   instead of the library's default, rows drawn with probability w / max(w);
+* w_hard_star, w_soft_star: the alternating scheme's second round (Sec. 3.3):
+  the weights of CleanNet*, the CleanNet trained again on the features of the
+  w_soft variant's classifier (needs w_soft; not in the default --variants:
+  each costs a training on top of CleanNet*);
 * clean: the true CIFAR-10 labels, weights 1 (the upper bound).
 
 --variants chooses among them. Each variant's test top-1, and the share of
@@ -48,15 +52,20 @@ from cleannet_tf import (alternating, classifier, data, detection, images, train
 from cleannet_tf.errors import InputError
 
 VARIANTS = ("none", "w_hard", "w_soft", "w_soft_balanced", "w_soft_holdout", "w_hard_loss",
-            "w_soft_loss", "w_soft_balanced_loss", "clean")
+            "w_soft_loss", "w_soft_balanced_loss", "w_hard_star", "w_soft_star", "clean")
 # Variants whose weights enter the loss rather than the drawing of rows.
 LOSS_SUFFIX = "_loss"
+# Variants weighted by CleanNet* (round 2), which is trained on the features of
+# the w_soft variant's classifier.
+STAR_SUFFIX = "_star"
+DEFAULT_VARIANTS = tuple(name for name in VARIANTS if not name.endswith(STAR_SUFFIX))
 
 flags.DEFINE_bool("from_scratch", False,
                   "Train every variant from random weights with step 1's recipe instead of "
                   "fine-tuning step 1 (the --finetune_* flags are then unused).")
-flags.DEFINE_list("variants", list(VARIANTS), "Variants trained, of: " + ", ".join(VARIANTS)
-                  + " (CleanNet* needs w_soft).")
+flags.DEFINE_list("variants", list(DEFAULT_VARIANTS),
+                  "Variants trained, of: " + ", ".join(VARIANTS)
+                  + " (CleanNet* and the *_star variants need w_soft).")
 flags.DEFINE_integer("finetune_steps", 1000, "Fine-tuning steps of every variant.")
 flags.DEFINE_float("finetune_learning_rate", 0.01,
                    "Fine-tuning initial learning rate (cosine decay).")
@@ -80,6 +89,8 @@ ROWS = {"step1": ("noisy (step 1 only)", "1"), "none": ("noisy", "1"),
         "w_hard_loss": ("noisy", "w_hard, in the loss"),
         "w_soft_loss": ("noisy", "w_soft, in the loss"),
         "w_soft_balanced_loss": ("noisy", "w_soft, mean 1 per class, in the loss"),
+        "w_hard_star": ("noisy", "w_hard of CleanNet* (round 2)"),
+        "w_soft_star": ("noisy", "w_soft of CleanNet* (round 2)"),
         "clean": ("clean", "1")}
 
 
@@ -215,9 +226,10 @@ def plot(result, path):
   rows = [name for name in ROWS if name in result["top1"]]
   names = [f"{ROWS[name][0]}\n{textwrap.fill(ROWS[name][1], 12)}" for name in rows]
   values = [100 * result["top1"][name] for name in rows]
-  # Grey: unweighted; blue: rows drawn by weight (the default); orange: in the loss.
-  colors = ["0.6" if name not in WEIGHTED else "C1" if name.endswith(LOSS_SUFFIX) else "C0"
-            for name in rows]
+  # Grey: unweighted; blue: rows drawn by weight (the default); orange: in the
+  # loss; green: drawn by CleanNet*'s weights (round 2).
+  colors = ["0.6" if name not in WEIGHTED else "C1" if name.endswith(LOSS_SUFFIX)
+            else "C2" if name.endswith(STAR_SUFFIX) else "C0" for name in rows]
   figure, axes = plt.subplots(figsize=(max(7.0, 1.4 * len(rows)), 3.8))
   bars = axes.bar(names, values, color=colors)
   axes.bar_label(bars, fmt="%.2f")
@@ -268,11 +280,16 @@ def holdout_cleannet(train, info, out, work, config, num_classes, seed):
 def cleannet_star(train, info, work, config):
   """CleanNet* (paper Table 2): CleanNet again on the w_soft classifier's features.
 
-  Extracts the features of every training image with the backbone fine-tuned
+  Extracts the features of every training image with the backbone trained
   with w_soft, builds K-means reference sets and trains CleanNet with the same
-  settings and verified rows; returns ``alternating.score_rows``' dict.
+  settings and verified rows; returns ``alternating.score_rows``' dict (kept
+  in cleannet-star/weights.npz for a rerun).
   """
   star_dir = os.path.join(work, "cleannet-star")
+  weights_path = os.path.join(star_dir, alternating.WEIGHTS_FILE)
+  if os.path.exists(weights_path):
+    with np.load(weights_path) as saved:
+      return {name: saved[name] for name in saved.files}
   features = os.path.join(star_dir, "features")
   if os.path.exists(os.path.join(features, alternating.FEATURES_SUBDIR, data.METADATA_FILE)):
     star_info = data.read_info(os.path.join(features, alternating.FEATURES_SUBDIR))
@@ -285,12 +302,14 @@ def cleannet_star(train, info, work, config):
   model_dir = os.path.join(star_dir, "cleannet")
   if not alternating.is_finished(model_dir, "step2-cleannet"):
     alternating.train_cleannet(star_info, model_dir, config)
-  return alternating.score_with_cleannet(model_dir, star_info, train)
+  weights = alternating.score_with_cleannet(model_dir, star_info, train)
+  alternating.save_weights(weights_path, weights)
+  return weights
 
 
 def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
              finetune_batch_size=128, cleannet_steps=3000, holdout_classes=5, seed=0,
-             from_scratch=False, variants=VARIANTS):
+             from_scratch=False, variants=DEFAULT_VARIANTS):
   """Steps 2-3 and the training of each of `variants`; the result dict.
 
   `out` is a folder of tools.cifar10n_features (its step 1, features and
@@ -303,6 +322,10 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
   if unknown or not variants:
     raise InputError(f"--variants: {','.join(variants)!r} is not a list of: "
                      + ", ".join(VARIANTS))
+  star = [name for name in variants if name.endswith(STAR_SUFFIX)]
+  if star and "w_soft" not in variants:
+    raise InputError(f"--variants: {star[0]} needs w_soft (CleanNet* is trained on the "
+                     "features of its classifier)")
   work = os.path.join(out, SECTIONS[from_scratch])
   step1_dir = os.path.join(out, "step1")
   needed = [os.path.join(step1_dir, alternating.SUMMARY_FILE),
@@ -360,12 +383,16 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
     sources[name + LOSS_SUFFIX] = sources[name]
   # From scratch, the unweighted noisy variant would repeat step 1 exactly.
   top1 = {"none": step1["test_top1"]} if from_scratch else {"step1": step1["test_top1"]}
+  star_weights = None  # CleanNet*'s, once the w_soft variant has trained
   for name in VARIANTS:
     if (name not in variants or name in top1
         or (name == "w_soft_holdout" and not len(held_out))):
       continue
     directory = os.path.join(work, f"finetune-{name}")
     if not os.path.exists(os.path.join(directory, alternating.SUMMARY_FILE)):
+      if name.endswith(STAR_SUFFIX):
+        star_weights = star_weights or cleannet_star(train, info, work, config)
+        sources[name] = (train, star_weights[name.removesuffix(STAR_SUFFIX)])
       source, sample_weights = sources[name]
       variant = (dataclasses.replace(config.finetune, sample_weighting="loss")
                  if name.endswith(LOSS_SUFFIX) else config.finetune)
@@ -382,7 +409,7 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
                                          float(weights["delta"]))
   detectors = {"CleanNet": weights}
   if "w_soft" in variants:
-    detectors["CleanNet*"] = cleannet_star(train, info, work, config)
+    detectors["CleanNet*"] = star_weights or cleannet_star(train, info, work, config)
   # All on the rows without verification labels, as the detection benchmark.
   unverified = (train.verification < 0) & np.logical_and.reduce(
       [found["scored"] for found in detectors.values()])
