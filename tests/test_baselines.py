@@ -260,22 +260,30 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("ablation_seeds, num_runs", [
-    # 1 repeat, 2 transfer splits, 2 ablations x (full + 2 splits).
-    (1, 9),
+    # 1 repeat, 2 transfer splits, 3 ablations x (full + 2 splits).
+    (1, 12),
     # And per ablation, defaults included, seed 1's full and transfer runs;
     # the defaults' seed 1 full run is the repeat.
-    (2, 17)])
+    (2, 23)])
 def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(
     tmp_path, monkeypatch, ablation_seeds, num_runs):
   rows, truth, info = _benchmark_rows(tmp_path)
   reference_sets = references.build_kmeans_references(rows["features"], rows["class_id"],
                                                       info.num_classes, k=2, seed=0)
   calls = _record_cleannet_calls(monkeypatch)
+  call_references = {}
+  recorded_scores = benchmark_detection.cleannet_scores
+
+  def scores_keeping_references(masked_info, run_references, model_dir, *args, **kwargs):
+    call_references[model_dir] = run_references
+    return recorded_scores(masked_info, run_references, model_dir, *args, **kwargs)
+
+  monkeypatch.setattr(benchmark_detection, "cleannet_scores", scores_keeping_references)
   out = str(tmp_path / "out")
   probabilities = np.random.default_rng(1).random((len(truth), info.num_classes))
   with flagsaver.flagsaver():
     benchmark_detection.FLAGS(["test", "--clean_labels=x", "--transfer_n=0,2",
-                               "--transfer_splits=2", "--ablations=dropout,sgd",
+                               "--transfer_splits=2", "--ablations=dropout,sgd,references_20",
                                "--ablation_transfer_n=2", "--cleannet_repeats=2",
                                "--cleannet_steps=6", f"--ablation_seeds={ablation_seeds}"])
     full, scores = benchmark_detection.full_supervision(
@@ -294,8 +302,15 @@ def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(
     features_dir, (model_config, config) = trained[run.model_dir]
     assert (run.features_dir, run.model_config, run.config) == (features_dir, model_config,
                                                                  config)
+    # A K ablation trains on K-means sets of its own K, in the table and before it.
+    assert run.references.k == run.model_config["num_references"]
+    np.testing.assert_array_equal(run.references.features,
+                                  call_references[run.model_dir].features)
   assert {run.config.seed for run in planned} == {0, 1}
   assert {run.model_config["dropout"] for run in planned} == {0.0, 0.2}
+  assert {run.model_config["num_references"] for run in planned} == {2, 20}
+  k20 = references.ReferenceSets.load(os.path.join(out, "references-k20.npz"))
+  assert k20.k == 20 and list(k20.counts) == [20] * info.num_classes
   with flagsaver.flagsaver(ablations=[], transfer_n=["0"], cleannet_repeats=2):
     # Without ablations, nothing of theirs (nor the defaults' transfer) is trained.
     assert [run.model_dir for run in benchmark_detection.cleannet_runs(

@@ -108,6 +108,10 @@ ABLATIONS = {
                            {"learning_rate": 3e-4}),
     "unverified_fraction_0.25": ("a quarter of each batch unverified (the paper: half)",
                                  {"unverified_fraction": 0.25}),
+    "weight_decay_1e-3": ("L2 weight decay 1e-3 (release 1e-4)", {"weight_decay": 1e-3}),
+    # K-means sets with another K, built by ``variant_references``.
+    "references_20": ("K=20 references per class (default 50)", {"num_references": 20}),
+    "references_100": ("K=100 references per class (default 50)", {"num_references": 100}),
 }
 
 PROTOCOL = """\
@@ -213,6 +217,25 @@ def held_out_verified_error(scores, class_ids, verification, held_out, delta):
                                            detection.decisions(scores[rows], delta))
 
 
+def variant_references(reference_sets, overrides, info, out):
+  """The reference sets of a run with `overrides`.
+
+  `reference_sets` (the features stage's), unless `overrides` set
+  num_references to another K: then per-class K-means sets with that K, built
+  from `info`'s rows and noisy labels as the features stage builds its own
+  (``references.build_references_streamed``, seed --seed) and kept in
+  <out>/references-k<K>.npz for the other runs and a rerun.
+  """
+  k = (overrides or {}).get("num_references")
+  if k is None or k == reference_sets.k:
+    return reference_sets
+  path = os.path.join(out, f"references-k{k}.npz")
+  if not os.path.exists(path):
+    os.makedirs(out, exist_ok=True)
+    references.build_references_streamed(info, k=k, seed=FLAGS.seed).save(path)
+  return references.ReferenceSets.load(path)
+
+
 def cleannet_settings(info, reference_sets, overrides=None):
   """(model config, TrainConfig) of a CleanNet run on `info`: the flags'.
 
@@ -308,8 +331,9 @@ def cleannet_runs(rows, reference_sets, info, out):
   planned = list(unique.values())
   runs = []
   for run_info, model_dir, overrides in planned:
-    model_config, config = cleannet_settings(run_info, reference_sets, overrides)
-    runs.append(training.TrainingRun(model_config, reference_sets, run_info.directory,
+    run_references = variant_references(reference_sets, overrides, info, out)
+    model_config, config = cleannet_settings(run_info, run_references, overrides)
+    runs.append(training.TrainingRun(model_config, run_references, run_info.directory,
                                      model_dir, config))
   return runs
 
@@ -445,9 +469,10 @@ def ablation(rows, truth, reference_sets, info, out):
     logging.info("Ablation: %s %s", name or "defaults", overrides)
     result = {"description": description, "overrides": overrides or {}, "val_error": [],
               "error": [], "transfer": [], "held_out_verified": []}
+    variant_sets = variant_references(reference_sets, overrides, info, out)
     for repeat in range(FLAGS.ablation_seeds):
       model_dir, run_overrides = seeded_run(ablation_model_dir(out, name), repeat, overrides)
-      scores = cleannet_scores(info, reference_sets, model_dir, rows["features"], class_ids,
+      scores = cleannet_scores(info, variant_sets, model_dir, rows["features"], class_ids,
                                run_overrides)
       full = threshold_and_error(scores, class_ids, verification, val, verification < 0,
                                  truth)
@@ -458,7 +483,7 @@ def ablation(rows, truth, reference_sets, info, out):
             rows, n, split, info, out)
         model_dir, run_overrides = seeded_run(transfer_model_dir(out, n, split, name),
                                               repeat, overrides)
-        scores = cleannet_scores(masked_info, reference_sets, model_dir, rows["features"],
+        scores = cleannet_scores(masked_info, variant_sets, model_dir, rows["features"],
                                  class_ids, run_overrides)
         split_result = threshold_and_error(scores, class_ids, masked, split_val, evaluated,
                                            truth)
