@@ -104,6 +104,8 @@ ABLATIONS = {
     "dropout": ("dropout 0.2 in the reference MLP", {"dropout": 0.2}),
     "wider_embeddings": ("embeddings 256 wide, query hidden layer 512",
                          {"embedding_dim": 256, "query_hidden_dim": 512}),
+    "narrower_embeddings": ("embeddings 64 wide, query hidden layer 128",
+                            {"embedding_dim": 64, "query_hidden_dim": 128}),
     "learning_rate_3e-4": ("Adam learning rate 3e-4 (default 1e-3)",
                            {"learning_rate": 3e-4}),
     "unverified_fraction_0.25": ("a quarter of each batch unverified (the paper: half)",
