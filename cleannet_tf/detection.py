@@ -24,6 +24,12 @@ MAX_CANDIDATES = 2048
 # error is a float sum over rows, so equal errors may differ by rounding noise.
 _TIE_TOLERANCE = 1e-9
 
+# Default width, in standard deviations of the paired error difference, of the
+# band of candidates treated as tied with the best when the threshold will also
+# be applied to classes without verified rows (``transfer_tie_band``;
+# ``training.TrainConfig.threshold_tie_band`` says why 1).
+TRANSFER_TIE_BAND = 1.0
+
 
 def _check_delta(fn, delta):
   delta = float(delta)
@@ -231,8 +237,33 @@ def default_candidates(scores, max_candidates=MAX_CANDIDATES) -> np.ndarray:
   return (points[:-1] + points[1:]) / 2
 
 
-def select_threshold(class_ids, truth, scores,
-                     candidates=None) -> tuple[float, float]:
+def _median_of_tied(candidates, tied):
+  """Index of the tied candidate closest to the tied ones' median (the first such)."""
+  tied = np.flatnonzero(tied)
+  values = candidates[tied]
+  return tied[np.argmin(np.abs(values - np.median(values)))]
+
+
+def transfer_tie_band(chosen_on, applied_to, band=TRANSFER_TIE_BAND) -> float:
+  """`tie_band` for a delta chosen on rows of classes `chosen_on`, used on `applied_to`.
+
+  `band` when some class in `applied_to` is not in `chosen_on`, so that the
+  one delta also decides classes it was not chosen on (their scores sit lower,
+  having had no verified negatives in training, so an accidentally high delta
+  flags many of their clean rows); else 0, exact ties: with every class
+  verified, cross-validation on verified rows favoured the exact minimum.
+
+  Args:
+    chosen_on: int [N], class ids of the verified rows delta is chosen on.
+    applied_to: int [M], class ids delta will decide (rows or a class range).
+    band: the tie band for that case, >= 0.
+  """
+  unseen = np.setdiff1d(np.asarray(applied_to), np.asarray(chosen_on))
+  return float(band) if unseen.size else 0.0
+
+
+def select_threshold(class_ids, truth, scores, candidates=None,
+                     tie_band=0.0) -> tuple[float, float]:
   """One threshold for all classes minimising the average per-class error.
 
   Paper Sec. 3.2: delta is chosen on verified (held-out) rows and shared by
@@ -247,12 +278,22 @@ def select_threshold(class_ids, truth, scores,
   closest to their median (the first such, in ascending order) is taken, so a
   flat optimum gives a delta in its middle.
 
+  With `tie_band` z > 0 a candidate also counts as tied when its error exceeds
+  that choice's by at most z standard deviations of the difference between
+  the two: the difference comes from the rows scored between them only, so its
+  variance is the sum of their squared weights (a row there is wrong at
+  exactly one of the two thresholds). With few mislabeled rows the error is
+  flat over a wide range of deltas and the exact minimum lands anywhere in it
+  by chance; the band takes the middle of that range instead, while a sharp
+  optimum (many mislabeled rows) barely moves.
+
   Args:
     class_ids: int [N], >= 0.
     truth: int or bool [N] in {0, 1}; verification labels.
     scores: float [N], finite.
     candidates: optional float [T] thresholds to try; default
       `default_candidates(scores)`.
+    tie_band: z >= 0, see above; 0 keeps exact ties only.
 
   Returns:
     (delta, average per-class error at delta).
@@ -261,6 +302,8 @@ def select_threshold(class_ids, truth, scores,
     InputError: on empty or malformed input.
   """
   fn = "select_threshold"
+  if not tie_band >= 0:
+    raise InputError(f"{fn}: tie_band must be >= 0, got {tie_band}")
   if np.size(class_ids) == 0:
     raise InputError(f"{fn}: no verified rows")
   class_ids, truth, scores = _check_rows(fn, class_ids, truth, scores)
@@ -288,16 +331,19 @@ def select_threshold(class_ids, truth, scores,
   below = np.searchsorted(sorted_scores, candidates, side="left")
   errors = clean_below[below] + (noisy_below[-1] - noisy_below[below])
 
-  tied = np.flatnonzero(errors <= errors.min() + _TIE_TOLERANCE)
-  tied_values = candidates[tied]
-  best = tied[np.argmin(np.abs(tied_values - np.median(tied_values)))]
+  best = _median_of_tied(candidates, errors <= errors.min() + _TIE_TOLERANCE)
+  if tie_band > 0:
+    squares_below = np.concatenate([[0.0], np.cumsum(weight[order] ** 2)])
+    spread = np.sqrt(np.abs(squares_below[below] - squares_below[below[best]]))
+    best = _median_of_tied(
+        candidates, errors <= errors[best] + tie_band * spread + _TIE_TOLERANCE)
   delta = float(candidates[best])
   # Recomputed exactly per class rather than read from the cumulative sums.
   return delta, average_per_class_error(
       class_ids, truth, (scores >= delta).astype(np.int64))
 
 
-def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0) -> dict:
+def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0, tie_band=0.0) -> dict:
   """Cross-validated error of the "select one threshold" rule.
 
   Each fold's threshold is chosen on the other folds and scored on the fold.
@@ -311,6 +357,7 @@ def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0) -> dict:
     scores: float [N], finite.
     folds: number of folds, >= 2.
     seed: seed of the fold shuffling.
+    tie_band: ``select_threshold``'s, for every fold and for all rows.
 
   Returns:
     dict with "delta" (float, threshold chosen on all rows, the one to use),
@@ -334,12 +381,13 @@ def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0) -> dict:
     splitter = KFold(n_splits=folds, shuffle=True, random_state=seed)
   fold_errors, fold_deltas = [], []
   for fit, held_out in splitter.split(scores, class_ids):
-    delta, _ = select_threshold(class_ids[fit], truth[fit], scores[fit])
+    delta, _ = select_threshold(class_ids[fit], truth[fit], scores[fit],
+                                tie_band=tie_band)
     fold_deltas.append(delta)
     fold_errors.append(average_per_class_error(
         class_ids[held_out], truth[held_out],
         (scores[held_out] >= delta).astype(np.int64)))
-  delta, _ = select_threshold(class_ids, truth, scores)
+  delta, _ = select_threshold(class_ids, truth, scores, tie_band=tie_band)
   return {
       "delta": delta,
       "cv_avg_class_error": float(np.mean(fold_errors)),

@@ -238,22 +238,28 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
   full_scores = {"naive": np.ones(len(truth)), "MLP": scores}
   with flagsaver.flagsaver():
     benchmark_detection.FLAGS(["test", "--clean_labels=x", "--transfer_n=2",
-                               "--transfer_splits=2", "--ablations=dropout",
+                               "--transfer_splits=2",
+                               "--ablations=dropout,exact_threshold_ties",
                                "--ablation_transfer_n=2"])
     report = benchmark_detection.transfer(rows, truth, None, full_scores, full_results,
                                           info, str(tmp_path / "out"))
     ablation = benchmark_detection.ablation(rows, truth, None, info, str(tmp_path / "out"))
-    expected = []
+    expected, expected_exact = [], []
     for split in range(2):
       held_out, masked, evaluated, val, _ = benchmark_detection.held_out_split(
           rows, 2, split, info, str(tmp_path / "out"))
-      delta = benchmark_detection.threshold_and_error(scores, class_ids, masked, val,
-                                                      evaluated, truth)["delta"]
-      expected.append(benchmark_detection.held_out_verified_error(
-          scores, class_ids, verification, held_out, delta))
+      # The defaults' threshold rule in transfer has the tie band; the
+      # exact_threshold_ties variant's has none.
+      for tie_band, errors in [(None, expected), (0.0, expected_exact)]:
+        delta = benchmark_detection.threshold_and_error(scores, class_ids, masked, val,
+                                                        evaluated, truth, tie_band)["delta"]
+        errors.append(benchmark_detection.held_out_verified_error(
+            scores, class_ids, verification, held_out, delta))
   assert [run["cleannet_held_out_verified_error"] for run in report[2]["splits"]] == expected
   assert ablation["defaults"]["held_out_verified"] == expected
   assert ablation["dropout"]["held_out_verified"] == expected
+  assert ablation["exact_threshold_ties"]["held_out_verified"] == expected_exact
+  assert expected != expected_exact  # the data tell the two rules apart
   assert (str(tmp_path / "out/transfer_n2_split1/cleannet-dropout"), {"dropout": 0.2}) in [
       (model_dir, overrides) for model_dir, _, overrides in calls]
   assert 0 < np.mean(expected) < 0.5

@@ -117,6 +117,70 @@ def test_select_threshold_matches_brute_force(seed):
       class_ids, truth, detection.decisions(scores, delta)) == err
 
 
+def _brute_force_tie_band(class_ids, truth, scores, tie_band):
+  """select_threshold's band rule spelled out candidate by candidate."""
+  rows = np.bincount(class_ids)
+  weight = 1.0 / (np.count_nonzero(rows) * rows[class_ids])
+  candidates = detection.default_candidates(scores)
+  errors = np.array([detection.average_per_class_error(
+      class_ids, truth, detection.decisions(scores, t)) for t in candidates])
+  exact, _ = detection.select_threshold(class_ids, truth, scores)
+  exact_error = errors[candidates == exact][0]
+  tied = []
+  for t, error in zip(candidates, errors):
+    between = (scores >= min(t, exact)) & (scores < max(t, exact))
+    if error <= exact_error + tie_band * np.sqrt(np.sum(weight[between] ** 2)) + 1e-9:
+      tied.append(t)
+  tied = np.array(tied)
+  return tied[np.argmin(np.abs(tied - np.median(tied)))]
+
+
+@pytest.mark.parametrize("seed,tie_band", [(0, 0.5), (1, 1.0), (2, 2.0)])
+def test_select_threshold_tie_band_matches_brute_force(seed, tie_band):
+  rng = np.random.default_rng(seed)
+  n = 200
+  class_ids = rng.integers(0, 5, size=n)
+  truth = (rng.uniform(size=n) > 0.1).astype(np.int64)  # few mislabeled rows
+  scores = np.round(rng.normal(size=n) * 0.3 + 0.3 * truth, 2)
+  delta, err = detection.select_threshold(class_ids, truth, scores, tie_band=tie_band)
+  assert delta == _brute_force_tie_band(class_ids, truth, scores, tie_band)
+  assert err == detection.average_per_class_error(
+      class_ids, truth, detection.decisions(scores, delta))
+
+
+def test_select_threshold_tie_band_takes_middle_of_flat_optimum():
+  # One class, scores 0.00..0.99. Among the 40 lowest, every other row is
+  # mislabeled, so flagging them is a wash (error 0.22 for any even number
+  # flagged), but 36-39 are all mislabeled: by the luck of those two rows the
+  # exact minimum (0.18) is at the top of the flat range, flagging all 40. The
+  # band (two rows are within one standard deviation of 40 rows' difference)
+  # takes the middle of the range instead.
+  scores = np.arange(100) / 100
+  truth = np.ones(100, np.int64)
+  truth[0:40:2] = 0
+  truth[36:40] = 0
+  class_ids = np.zeros(100, np.int64)
+  exact, exact_error = detection.select_threshold(class_ids, truth, scores)
+  banded, banded_error = detection.select_threshold(class_ids, truth, scores, tie_band=1.0)
+  assert exact == pytest.approx(0.395) and exact_error == pytest.approx(0.18)
+  assert 0.15 < banded < 0.25 and banded_error == pytest.approx(0.22)
+  # A sharp optimum (separable rows) stays where the exact rule puts it.
+  separable = (scores >= 0.5).astype(np.int64)
+  assert detection.select_threshold(class_ids, separable, scores, tie_band=1.0)[0] == \
+      detection.select_threshold(class_ids, separable, scores)[0]
+
+
+def test_transfer_tie_band():
+  assert detection.transfer_tie_band([0, 1, 1], [0, 1]) == 0.0
+  assert detection.transfer_tie_band([0, 1, 1], np.arange(3)) == detection.TRANSFER_TIE_BAND
+  assert detection.TRANSFER_TIE_BAND > 0
+
+
+def test_select_threshold_rejects_negative_tie_band():
+  with pytest.raises(InputError, match="tie_band must be >= 0"):
+    detection.select_threshold([0, 0], [1, 0], [0.5, 0.1], tie_band=-1)
+
+
 def test_default_candidates():
   cands = detection.default_candidates(np.array([0.5, 0.1, 0.3, 0.3]))
   # Unique [0.1, 0.3, 0.5], mean gap 0.2 -> ends 0.0 and 0.6.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cleannet_tf import data, model as model_lib, references, training
+from cleannet_tf import data, detection, model as model_lib, references, training
 from cleannet_tf.errors import InputError
 
 NUM_CLASSES, DIM = 4, 8
@@ -236,6 +236,41 @@ def test_with_overrides_routes_model_training_and_loss_settings():
   assert new_train.class_separation == 0.0
   with pytest.raises(InputError, match="unknown CleanNet setting 'gama'"):
     training.with_overrides(model_config, training.TrainConfig(), {"gama": 1.0})
+
+
+class _FixedScorer:
+  """What ``training.evaluate`` asks of a scorer, with given scores."""
+
+  def __init__(self, scores, num_classes):
+    self.scores = scores
+    self.model = type("Model", (), {"num_classes": num_classes})()
+
+  def refresh(self):
+    pass
+
+  def score(self, features, class_ids):
+    del features, class_ids
+    return self.scores
+
+
+def test_evaluate_widens_delta_ties_only_when_some_classes_have_no_validation_rows():
+  # Classes 0 and 1 validated; a flat error curve over the low scores (every
+  # other row mislabeled) whose exact minimum sits at its top end.
+  scores = np.tile(np.arange(50) / 50, 2)
+  truth = np.ones(100, np.int64)
+  truth[0:20:2] = truth[50:70:2] = 0
+  truth[16:20] = truth[66:70] = 0
+  val = {"features": np.zeros((100, 1)), "class_id": np.repeat([0, 1], 50),
+         "verification": truth}
+  exact = training.evaluate(_FixedScorer(scores, 2), val)["delta"]
+  assert exact == detection.select_threshold(val["class_id"], truth, scores)[0]
+  # A third class without validation rows: the band of TrainConfig.threshold_tie_band.
+  band = training.TrainConfig().threshold_tie_band
+  transfer = training.evaluate(_FixedScorer(scores, 3), val, band)["delta"]
+  assert transfer == detection.select_threshold(val["class_id"], truth, scores,
+                                                tie_band=band)[0]
+  assert transfer < exact
+  assert training.evaluate(_FixedScorer(scores, 3), val, 0.0)["delta"] == exact
 
 
 def test_nearest_classes_in_chunks_matches_the_full_cosine_matrix():

@@ -114,6 +114,8 @@ ABLATIONS = {
     # K-means sets with another K, built by ``variant_references``.
     "references_20": ("K=20 references per class (default 50)", {"num_references": 20}),
     "references_100": ("K=100 references per class (default 50)", {"num_references": 100}),
+    "exact_threshold_ties": ("delta at the exact validation minimum in transfer too "
+                             "(no tie band)", {"threshold_tie_band": 0.0}),
 }
 
 PROTOCOL = """\
@@ -198,10 +200,20 @@ def verified_split(verification, class_ids, seed):
   return verified[train], verified[val]
 
 
-def threshold_and_error(scores, class_ids, verification, val, evaluated, truth):
-  """Threshold chosen on `val` rows; its validation and evaluation errors."""
-  delta, val_error = detection.select_threshold(class_ids[val], verification[val],
-                                                scores[val])
+def threshold_and_error(scores, class_ids, verification, val, evaluated, truth,
+                        transfer_tie_band=None):
+  """Threshold chosen on `val` rows; its validation and evaluation errors.
+
+  The library's rule for every method (``training.evaluate``'s): the tie band
+  `transfer_tie_band` (default --threshold_tie_band) when `evaluated` holds
+  classes without validation rows (transfer), exact ties otherwise.
+  """
+  if transfer_tie_band is None:
+    transfer_tie_band = FLAGS.threshold_tie_band
+  delta, val_error = detection.select_threshold(
+      class_ids[val], verification[val], scores[val],
+      tie_band=detection.transfer_tie_band(class_ids[val], class_ids[evaluated],
+                                           transfer_tie_band))
   error = detection.average_per_class_error(
       class_ids[evaluated], truth[evaluated], detection.decisions(scores[evaluated], delta))
   return {"delta": delta, "val_error": val_error, "error": error}
@@ -472,6 +484,7 @@ def ablation(rows, truth, reference_sets, info, out):
     result = {"description": description, "overrides": overrides or {}, "val_error": [],
               "error": [], "transfer": [], "held_out_verified": []}
     variant_sets = variant_references(reference_sets, overrides, info, out)
+    tie_band = (overrides or {}).get("threshold_tie_band", FLAGS.threshold_tie_band)
     for repeat in range(FLAGS.ablation_seeds):
       model_dir, run_overrides = seeded_run(ablation_model_dir(out, name), repeat, overrides)
       scores = cleannet_scores(info, variant_sets, model_dir, rows["features"], class_ids,
@@ -488,7 +501,7 @@ def ablation(rows, truth, reference_sets, info, out):
         scores = cleannet_scores(masked_info, variant_sets, model_dir, rows["features"],
                                  class_ids, run_overrides)
         split_result = threshold_and_error(scores, class_ids, masked, split_val, evaluated,
-                                           truth)
+                                           truth, tie_band)
         result["transfer"].append(split_result["error"])
         result["held_out_verified"].append(held_out_verified_error(
             scores, class_ids, verification, held_out, split_result["delta"]))

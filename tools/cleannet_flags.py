@@ -58,6 +58,10 @@ flags.DEFINE_integer("separation_classes", _TRAIN.separation_classes,
 flags.DEFINE_float("weight_averaging", _TRAIN.weight_averaging,
                    "Decay of the moving average of the weights that is validated and "
                    "saved (0: the last step's weights).")
+flags.DEFINE_float("threshold_tie_band", _TRAIN.threshold_tie_band,
+                   "When some classes have no verified validation rows, delta is the "
+                   "middle of the thresholds within this many standard deviations of the "
+                   "lowest validation error (0: the exact minimum, the paper's).")
 flags.DEFINE_float("val_fraction", _TRAIN.val_fraction,
                    "Share of verified rows held out for validation (without --val_features).")
 flags.DEFINE_integer("eval_every", _TRAIN.eval_every, "Validate every this many steps.")
@@ -85,6 +89,8 @@ for _name in ("cross_class_negatives", "unverified_cross_class_negatives"):
   flags.register_validator(_name, lambda v: 0.0 <= v <= 1.0, f"--{_name} must be in [0, 1]")
 flags.register_validator("class_separation", lambda v: v >= 0.0,
                          "--class_separation must be non-negative")
+flags.register_validator("threshold_tie_band", lambda v: v >= 0.0,
+                         "--threshold_tie_band must be >= 0")
 flags.register_validator("weight_averaging", lambda v: 0.0 <= v < 1.0,
                          "--weight_averaging must be in [0, 1)")
 flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
@@ -114,7 +120,7 @@ def train_config():
       unverified_cross_class_negatives=FLAGS.unverified_cross_class_negatives,
       class_separation=FLAGS.class_separation,
       separation_classes=FLAGS.separation_classes,
-      weight_averaging=FLAGS.weight_averaging,
+      weight_averaging=FLAGS.weight_averaging, threshold_tie_band=FLAGS.threshold_tie_band,
       val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed, split_seed=FLAGS.split_seed)
