@@ -266,10 +266,14 @@ def test_evaluate_widens_delta_ties_only_when_some_classes_have_no_validation_ro
   assert exact == detection.select_threshold(val["class_id"], truth, scores)[0]
   # A third class without validation rows: the band of TrainConfig.threshold_tie_band.
   band = training.TrainConfig().threshold_tie_band
-  transfer = training.evaluate(_FixedScorer(scores, 3), val, band)["delta"]
+  result = training.evaluate(_FixedScorer(scores, 3), val, band)
+  transfer = result["delta"]
   assert transfer == detection.select_threshold(val["class_id"], truth, scores,
                                                 tie_band=band)[0]
   assert transfer < exact
+  # Model selection compares the lowest error, not the banded delta's.
+  lowest = detection.select_threshold(val["class_id"], truth, scores)[1]
+  assert result["min_avg_class_error"] == lowest < result["avg_class_error"]
   assert training.evaluate(_FixedScorer(scores, 3), val, 0.0)["delta"] == exact
 
 
