@@ -91,7 +91,8 @@ class TrainConfig:
   # validation rows with 5 classes verified) it put delta at 0.35 in 2 of 9
   # runs and flagged many clean rows of the unverified classes. Model
   # selection still compares the exact minimum (``evaluate``). Measured by the
-  # ablation exact_threshold_ties in README and BENCHMARKS.md.
+  # ablation exact_threshold_ties (README; BENCHMARKS.md from its next
+  # regeneration).
   threshold_tie_band: float = detection.TRANSFER_TIE_BAND
   loss: losses.LossWeights = losses.LossWeights()
   val_fraction: float = 0.2
