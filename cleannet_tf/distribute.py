@@ -44,6 +44,11 @@ def make_strategy(name="auto"):
   return tf.distribute.get_strategy()
 
 
+def is_default(strategy):
+  """Whether `strategy` is the default one (no distribution) and no other is in scope."""
+  return not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+
+
 def is_chief(strategy):
   """Whether this worker writes the shared outputs (always true off-cluster)."""
   resolver = getattr(strategy, "cluster_resolver", None)

@@ -13,6 +13,7 @@ import os
 import tempfile
 import zipfile
 
+from absl import logging
 import numpy as np
 from sklearn.cluster import KMeans
 
@@ -350,3 +351,27 @@ def build_references_streamed(info, k=50, method="kmeans", seed=0, max_iter=50,
                                                  max_iter, n_init)
       out[c, :counts[c]] = references
   return ReferenceSets(features=out, counts=counts)
+
+
+def load_or_build(info, path, model_dir, k=50, seed=0) -> ReferenceSets:
+  """The reference sets to train on `info` with: given, kept from an earlier run, or built.
+
+  `path` (an .npz) when given; else ``<model_dir>/references.npz`` when a
+  previous run kept one; else K-means sets built streamed from `info` and kept
+  there, so that a resumed run trains on the same sets.
+  """
+  if path:
+    reference_sets = ReferenceSets.load(path)
+  else:
+    path = os.path.join(model_dir, "references.npz")
+    if os.path.exists(path):
+      reference_sets = ReferenceSets.load(path)
+    else:
+      logging.info("Building K-means reference sets (K=%d) from %s", k, info.directory)
+      reference_sets = build_references_streamed(info, k=k, seed=seed, work_dir=model_dir)
+      reference_sets.save(path)
+  if (reference_sets.num_classes, reference_sets.dim) != (info.num_classes, info.dim):
+    raise InputError(f"{path}: reference sets for {reference_sets.num_classes} classes of "
+                     f"{reference_sets.dim}-d features, but {info.directory} has "
+                     f"{info.num_classes} classes of {info.dim}-d features")
+  return reference_sets

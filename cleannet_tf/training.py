@@ -452,7 +452,7 @@ class Trainer:
   """
 
   def __init__(self, model_config, references, train_info, model_dir,
-               config=TrainConfig(), strategy=None, val_info=None):
+               config=TrainConfig(), strategy=None, val_info=None, jit_compile=None):
     self.config = config
     self.model_dir = model_dir
     self.settings = run_settings(model_config, config)
@@ -519,7 +519,15 @@ class Trainer:
         self.checkpoint, distribute.worker_directory(
             os.path.join(model_dir, "checkpoints"), self.strategy),
         max_to_keep=config.keep_checkpoints)
-    self._train_step = tf.function(self._distributed_step)
+    # XLA compiles a whole step (both encoders, the losses, their gradients,
+    # the optimizer and the weight average) into one fused program
+    # (tools.benchmark_training measures it). Only without a distribution
+    # strategy by default: a step under one holds cross-replica collectives,
+    # which XLA does not compile on every device.
+    self.jit_compile = (distribute.is_default(self.strategy) if jit_compile is None
+                        else jit_compile)
+    self._train_step = tf.function(self._distributed_step, jit_compile=self.jit_compile)
+    self._train_loop = tf.function(self._distributed_steps)
     # The model validated, selected and saved.
     self.selected_model = self.model if self.averaged_model is None else self.averaged_model
     self.scorer = scoring.Scorer(self.selected_model)
@@ -564,6 +572,8 @@ class Trainer:
     """The classes of this step's separation penalty when L > ``separation_classes``.
 
     A random sample of ``separation_classes`` classes, the same on every replica.
+    Under XLA the stateless generator draws other numbers for the same seed,
+    so compiled and uncompiled steps sample different classes.
     """
     seed = tf.stack([tf.constant(self.config.seed + 5, tf.int64),
                      tf.cast(self.optimizer.iterations, tf.int64)])
@@ -588,6 +598,21 @@ class Trainer:
     for average, weight in zip(self.averaged_model.trainable_variables,
                                self.model.trainable_variables):
       average.assign(decay * average + (1.0 - decay) * weight)
+
+  def _distributed_steps(self, num_steps):
+    """`num_steps` (at least 1) steps on the input iterator's next batches, in one call.
+
+    One call instead of one a step spares the per-step Python dispatch and
+    host round trip, which cost as much as the small step itself.
+    """
+    metrics = self._train_step(_distribute_batch(self.strategy, *next(self.iterator)))
+    for _ in tf.range(num_steps - 1):
+      metrics = self._train_step(_distribute_batch(self.strategy, *next(self.iterator)))
+    return metrics
+
+  def run_steps(self, num_steps):
+    """Trains `num_steps` steps on the training batches; returns the last step's metrics."""
+    return self._train_loop(tf.constant(num_steps, tf.int64))
 
   def train_steps(self, batches):
     """Runs one step per given global batch (for tests); returns the metrics."""
@@ -614,7 +639,7 @@ class Trainer:
     chief = distribute.is_chief(self.strategy)
     started, start_step = time.time(), self.step
     while self.step < config.steps:
-      metrics = self._train_step(_distribute_batch(self.strategy, *next(self.iterator)))
+      metrics = self.run_steps(next_stop(self.step, config) - self.step)
       step = self.step
       if not np.isfinite(metrics["loss"].numpy()):
         raise InputError(f"training diverged at step {step}: the loss is not finite; "
@@ -678,6 +703,12 @@ class Trainer:
       json.dump(summary, out, indent=2, default=float)
     os.replace(temporary, os.path.join(self.model_dir, "summary.json"))
     return TrainResult(best, int(self.best_step.numpy()), best_metrics, model_path)
+
+
+def next_stop(step, config):
+  """The first step after `step` at which training logs, validates, checkpoints or ends."""
+  every = (config.log_every, config.eval_every, config.checkpoint_every)
+  return min([(step // period + 1) * period for period in every] + [config.steps])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,3 +115,20 @@ def test_convert_train_score_end_to_end(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout)
   assert report["rows"] == 60 and "verified_rows" in report
+
+
+def test_benchmark_training_times_the_loop_against_one_call_a_step(tmp_path):
+  (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+  write_tsv(tmp_path / "train.tsv")
+  assert run_tool("convert_features", f"--tsv={tmp_path / 'train.tsv'}",
+                  f"--class_names={tmp_path / 'classes.txt'}",
+                  f"--output_dir={tmp_path / 'feats'}").returncode == 0
+  result = run_tool("benchmark_training", f"--train_features={tmp_path / 'feats'}",
+                    f"--work_dir={tmp_path / 'work'}", "--num_references=4",
+                    "--batch_size=8", "--timed_steps=6", "--steps_per_call=3", "--rounds=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout[result.stdout.index("{"):])
+  assert set(report["results"]) == {"one_call_per_step_no_xla", "looped_no_xla", "looped"}
+  assert report["results"]["one_call_per_step_no_xla"]["ratio"] == 1.0
+  assert all(r["steps_per_second"] > 0 for r in report["results"].values())
+  assert "x the reference" in result.stdout

@@ -13,11 +13,9 @@ import json
 import os
 
 from absl import flags
-from absl import logging
 
 from tools import cleannet_flags, common  # pylint: disable=unused-import
 from cleannet_tf import data, distribute, references as references_lib, training
-from cleannet_tf.errors import InputError
 
 flags.DEFINE_string("train_features", None, "Feature set directory to train on.")
 flags.DEFINE_string("val_features", None,
@@ -29,34 +27,12 @@ flags.mark_flags_as_required(["train_features", "model_dir"])
 FLAGS = flags.FLAGS
 
 
-def load_or_build_references(info, path, model_dir, k, seed):
-  """The reference sets to train with: given, kept from a previous run, or built."""
-  if path:
-    reference_sets = references_lib.ReferenceSets.load(path)
-  else:
-    kept = os.path.join(model_dir, "references.npz")
-    if os.path.exists(kept):
-      reference_sets = references_lib.ReferenceSets.load(kept)
-    else:
-      logging.info("Building K-means reference sets (K=%d) from %s", k, info.directory)
-      # Streamed: memory holds one class's rows at a time.
-      reference_sets = references_lib.build_references_streamed(
-          info, k=k, seed=seed, work_dir=model_dir)
-      reference_sets.save(kept)
-    path = kept
-  if (reference_sets.num_classes, reference_sets.dim) != (info.num_classes, info.dim):
-    raise InputError(f"{path}: reference sets for {reference_sets.num_classes} classes of "
-                     f"{reference_sets.dim}-d features, but {info.directory} has "
-                     f"{info.num_classes} classes of {info.dim}-d features")
-  return reference_sets
-
-
 def main(_):
   info = data.read_info(FLAGS.train_features)
   val_info = data.read_info(FLAGS.val_features) if FLAGS.val_features else None
   os.makedirs(FLAGS.model_dir, exist_ok=True)
   strategy = distribute.make_strategy(FLAGS.strategy)
-  reference_sets = load_or_build_references(
+  reference_sets = references_lib.load_or_build(
       info, FLAGS.references, FLAGS.model_dir, FLAGS.num_references, FLAGS.seed)
   model_config = cleannet_flags.model_config(info.num_classes, info.dim)
   model_config["num_references"] = reference_sets.k
