@@ -18,10 +18,13 @@ returned evaluation truth; nothing is ever trained on them.
 """
 
 import dataclasses
+import os
 
 import keras
 import numpy as np
 from sklearn import datasets
+
+from cleannet_tf import data
 
 NUM_CLASSES = 10
 
@@ -76,6 +79,13 @@ class DemoData:
   class_names: tuple[str, ...]
   classifier_noisy_accuracy: float
   noise_rate: float
+
+  def feature_set(self, directory) -> data.FeatureSetInfo:
+    """The demo's images as a feature set in `directory`, written there unless it is."""
+    if not os.path.exists(os.path.join(directory, "metadata.json")):
+      data.write_features(directory, self.keys, self.features, self.noisy_labels,
+                          self.verification, self.class_names, source="digits demo")
+    return data.read_info(directory)
 
 
 def make_label_noise(clean_labels: np.ndarray, noise_rate: float = 0.3,

@@ -1,9 +1,11 @@
 """Tests for cleannet_tf.demo_data."""
 
+import os
+
 import numpy as np
 import pytest
 
-from cleannet_tf import demo_data
+from cleannet_tf import data, demo_data
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +143,15 @@ def test_demo_keys_are_deterministic(demo):
 def test_demo_rejects_too_many_verified_classes():
   with pytest.raises(ValueError):
     demo_data.make_digits_demo(num_verified_classes=11)
+
+
+def test_demo_feature_set_is_written_once_with_every_row(demo, tmp_path):
+  info = demo.feature_set(str(tmp_path / "features"))
+  assert info.num_rows == demo.keys.size and info.dim == demo_data.FEATURE_DIM
+  rows = data.load_arrays(info, verification="all")
+  np.testing.assert_allclose(rows["features"], demo.features)
+  np.testing.assert_array_equal(rows["class_id"], demo.noisy_labels)
+  np.testing.assert_array_equal(rows["verification"], demo.verification)
+  written = os.path.getmtime(tmp_path / "features" / "metadata.json")
+  assert demo.feature_set(str(tmp_path / "features")).num_rows == info.num_rows
+  assert os.path.getmtime(tmp_path / "features" / "metadata.json") == written

@@ -44,16 +44,6 @@ REFERENCE = "one_call_per_step_no_xla"
 VARIANTS = {REFERENCE: (False, 1), "looped_no_xla": (False, None), "looped": (None, None)}
 
 
-def demo_features(work_dir):
-  """The digits demo's feature set, written to `work_dir`/features once."""
-  directory = os.path.join(work_dir, "features")
-  if not os.path.exists(os.path.join(directory, "metadata.json")):
-    demo = demo_data.make_digits_demo()
-    data.write_features(directory, demo.keys, demo.features, demo.noisy_labels,
-                        demo.verification, demo.class_names, source="digits demo")
-  return data.read_info(directory)
-
-
 def steps_per_second(trainer, steps_per_call, timed_steps, rounds):
   """Best-of-`rounds` training speed of `trainer` through ``Trainer.run_steps``."""
   float(trainer.run_steps(steps_per_call)["loss"])  # warm-up: trace and compile
@@ -74,7 +64,8 @@ def main(_):
                             "--timed_steps at least --steps_per_call")
   os.makedirs(FLAGS.work_dir, exist_ok=True)
   info = (data.read_info(FLAGS.train_features) if FLAGS.train_features
-          else demo_features(FLAGS.work_dir))
+          else demo_data.make_digits_demo().feature_set(os.path.join(FLAGS.work_dir,
+                                                                      "features")))
   if FLAGS.references:
     reference_sets = references.ReferenceSets.load(FLAGS.references)
   else:

@@ -68,11 +68,7 @@ def run_demo(work_dir, model_options, train_config, strategy=None):
   started = time.time()
   seed = train_config.seed
   demo = demo_data.make_digits_demo(seed=seed)
-  feature_dir = os.path.join(work_dir, "features")
-  if not os.path.exists(os.path.join(feature_dir, "metadata.json")):
-    data.write_features(feature_dir, demo.keys, demo.features, demo.noisy_labels,
-                        demo.verification, demo.class_names, source="digits demo")
-  info = data.read_info(feature_dir)
+  info = demo.feature_set(os.path.join(work_dir, "features"))
   rows = data.load_arrays(info, verification="all")
   reference_sets = references.build_kmeans_references(
       rows["features"], rows["class_id"], info.num_classes,
