@@ -118,7 +118,7 @@ def test_looped_steps_match_one_call_a_step(feature_set, tmp_path, two_cpu_strat
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_xla_compiles_the_same_loss_and_only_without_a_distribution_strategy(
+def test_xla_compiles_the_same_loss_and_only_without_a_strategy_or_dropout(
     feature_set, tmp_path, two_cpu_strategy):
   refs = reference_sets(feature_set)
   compiled = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "a"), config())
@@ -131,6 +131,9 @@ def test_xla_compiles_the_same_loss_and_only_without_a_distribution_strategy(
   mirrored = training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path / "c"), config(),
                               strategy=two_cpu_strategy)
   assert not mirrored.jit_compile
+  with_dropout = training.Trainer(dict(MODEL_CONFIG, dropout=0.2), refs, feature_set,
+                                  str(tmp_path / "d"), config())
+  assert not with_dropout.jit_compile
   assert distribute.is_default(tf.distribute.get_strategy())
   with two_cpu_strategy.scope():
     assert not distribute.is_default(tf.distribute.get_strategy())
