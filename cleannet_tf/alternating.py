@@ -165,13 +165,15 @@ def score_rows(model: keras.Model, info: data.FeatureSetInfo,
 
   Returns:
     {"score" float32 [N], "w_soft", "w_hard", "w_soft_balanced",
-    "w_hard_balanced" (float32 [N] each), "scored" bool [N], "delta" float32 []}.
+    "w_hard_balanced" (float32 [N] each), "scored" bool [N], "delta" float32 [],
+    "thresholds" float32 [L] (``scoring.class_thresholds``: delta, moved for
+    the classes without verification labels; w_hard uses them)}.
   """
   keys = _row_keys(source)
   order = np.argsort(keys)
   sorted_keys = keys[order]
   scorer = scoring.Scorer(model)
-  delta = np.float32(model.delta.numpy())
+  thresholds = scoring.class_thresholds(model).astype(np.float32)
   score = np.zeros(source.num_rows, np.float32)
   scored = np.zeros(source.num_rows, bool)
   class_ids = np.zeros(source.num_rows, np.int64)
@@ -186,11 +188,12 @@ def score_rows(model: keras.Model, info: data.FeatureSetInfo,
     score[rows] = scorer.score(batch["features"], batch["class_id"], batch_size)
     scored[rows] = True
     class_ids[rows] = batch["class_id"]
-  w_soft, w_hard = detection.sample_weights(score, delta)
+  w_soft, w_hard = detection.sample_weights(score, thresholds[class_ids])
   weights = {"w_soft": np.where(scored, w_soft, 0), "w_hard": np.where(scored, w_hard, 0)}
   for name in ("w_soft", "w_hard"):
     weights[f"{name}_balanced"] = detection.balance_per_class(weights[name], class_ids)
-  return {"score": score, **weights, "scored": scored, "delta": delta}
+  return {"score": score, **weights, "scored": scored,
+          "delta": np.float32(model.delta.numpy()), "thresholds": thresholds}
 
 
 def score_with_cleannet(cleannet_dir: str, info: data.FeatureSetInfo,

@@ -31,10 +31,19 @@ _TIE_TOLERANCE = 1e-9
 TRANSFER_TIE_BAND = 1.0
 
 
-def _check_delta(fn, delta):
-  delta = float(delta)
-  if np.isnan(delta):
-    raise InputError(f"{fn}: delta is NaN")
+def _check_delta(fn, delta, shape=None):
+  """A scalar delta as float; per-row thresholds as float64 of `shape`."""
+  if np.ndim(delta) == 0:
+    delta = float(delta)
+    if np.isnan(delta):
+      raise InputError(f"{fn}: delta is NaN")
+    return delta
+  delta = np.asarray(delta, np.float64)
+  if shape is not None and delta.shape != tuple(shape):
+    raise InputError(f"{fn}: per-row delta must have the scores' shape {tuple(shape)}, "
+                     f"got {delta.shape}")
+  if np.isnan(delta).any():
+    raise InputError(f"{fn}: delta contains NaN")
   return delta
 
 
@@ -92,13 +101,13 @@ def decisions(scores, delta) -> np.ndarray:
 
   Args:
     scores: float array, any shape, finite.
-    delta: the threshold.
+    delta: the threshold, or one per score (``class_thresholds`` taken at each row's class).
 
   Returns:
     int64 array of the shape of `scores`.
   """
   scores = _check_scores("decisions", scores)
-  return (scores >= _check_delta("decisions", delta)).astype(np.int64)
+  return (scores >= _check_delta("decisions", delta, scores.shape)).astype(np.int64)
 
 
 def sample_weights(scores, delta) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +116,7 @@ def sample_weights(scores, delta) -> tuple[np.ndarray, np.ndarray]:
   Args:
     scores: float array, any shape, finite; cosine similarity of each sample
       to the reference set of its noisy class.
-    delta: the threshold of eq. 13.
+    delta: the threshold of eq. 13, or one per score (``class_thresholds`` taken at each row's class).
 
   Returns:
     (w_soft, w_hard), float32 arrays of the shape of `scores`:
@@ -115,7 +124,7 @@ def sample_weights(scores, delta) -> tuple[np.ndarray, np.ndarray]:
   """
   scores = _check_scores("sample_weights", scores)
   w_soft = np.maximum(scores, 0).astype(np.float32)
-  w_hard = (scores >= _check_delta("sample_weights", delta)).astype(np.float32)
+  w_hard = (scores >= _check_delta("sample_weights", delta, scores.shape)).astype(np.float32)
   return w_soft, w_hard
 
 
@@ -180,16 +189,16 @@ def detection_metrics(class_ids, truth, scores, delta) -> dict:
     class_ids: int [N], >= 0, N >= 1.
     truth: int or bool [N] in {0, 1}; verification labels.
     scores: float [N], finite.
-    delta: the threshold.
+    delta: the threshold, or one per row (``class_thresholds`` taken at each row's class).
 
   Returns:
     dict with float "avg_class_error", "overall_error",
-    "precision_mislabeled", "recall_mislabeled", "delta" and int "num_rows",
-    "num_classes" (classes that have rows).
+    "precision_mislabeled", "recall_mislabeled", "delta" (None for per-row
+    thresholds) and int "num_rows", "num_classes" (classes that have rows).
   """
   fn = "detection_metrics"
   class_ids, truth, scores = _check_rows(fn, class_ids, truth, scores)
-  delta = _check_delta(fn, delta)
+  delta = _check_delta(fn, delta, scores.shape)
   decided = (scores >= delta).astype(np.int64)
   flagged = decided == 0
   mislabeled = truth == 0
@@ -203,7 +212,7 @@ def detection_metrics(class_ids, truth, scores, delta) -> dict:
       "recall_mislabeled": caught / num_mislabeled if num_mislabeled else 0.0,
       "num_rows": int(class_ids.size),
       "num_classes": int(np.count_nonzero(np.bincount(class_ids))),
-      "delta": delta,
+      "delta": delta if np.ndim(delta) == 0 else None,
   }
 
 
@@ -260,6 +269,92 @@ def transfer_tie_band(chosen_on, applied_to, band=TRANSFER_TIE_BAND) -> float:
   """
   unseen = np.setdiff1d(np.asarray(applied_to), np.asarray(chosen_on))
   return float(band) if unseen.size else 0.0
+
+
+# Bins of the per-class score histograms of ``ClassScoreQuartiles``.
+SCORE_BINS = 4000
+
+
+class ClassScoreQuartiles:
+  """Each class's 25th, 50th and 75th score percentiles, streamed.
+
+  One histogram of SCORE_BINS bins over [-1, 1] (the range of a cosine) per
+  class, so memory is L x SCORE_BINS whatever the number of rows; a
+  percentile is read at the centre of the bin that holds it, within 2.5e-4.
+  """
+
+  def __init__(self, num_classes):
+    self.counts = np.zeros((int(num_classes), SCORE_BINS), np.int64)
+
+  def add(self, class_ids, scores):
+    """Adds rows: class_ids int [B] in [0, L), scores float [B], finite."""
+    fn = "ClassScoreQuartiles.add"
+    scores = _check_scores(fn, scores)
+    if not scores.size:
+      return
+    class_ids = _check_class_ids(fn, class_ids)
+    if scores.shape != class_ids.shape:
+      raise InputError(f"{fn}: scores must have shape {class_ids.shape}, got {scores.shape}")
+    if class_ids.size and class_ids.max() >= len(self.counts):
+      raise InputError(f"{fn}: class id {class_ids.max()} >= {len(self.counts)} classes")
+    bins = np.clip(((scores + 1) / 2 * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+    np.add.at(self.counts, (class_ids, bins), 1)
+
+  def quartiles(self) -> np.ndarray:
+    """float64 [L, 3]: the 25th, 50th and 75th percentile; NaN for a class without rows."""
+    cumulative = np.cumsum(self.counts, axis=1)
+    totals = cumulative[:, -1:]
+    # The first bin whose cumulative count reaches the share of the rows.
+    bins = np.stack([(cumulative < share * totals).sum(axis=1) for share in (0.25, 0.5, 0.75)],
+                    axis=1)
+    centres = -1 + (np.minimum(bins, SCORE_BINS - 1) + 0.5) * 2 / SCORE_BINS
+    return np.where(totals > 0, centres, np.nan)
+
+
+def class_thresholds(delta, score_quartiles, verified_classes) -> np.ndarray:
+  """Per-class thresholds: delta, moved for the classes without verification labels.
+
+  delta is chosen on the verified rows of the classes that have them. A class
+  without verification labels was trained with no verified negatives of its
+  own, so its scores sit elsewhere and one delta flags too many or too few of
+  its rows. Such a class c gets delta at the same place in its own score
+  distribution: with m and s the mean median and mean interquartile range of
+  the verified classes' scores, delta_c = median_c + (delta - m) * iqr_c / s.
+  No label of class c is used, only the quartiles of all its rows' scores.
+  A verified class, or one without usable quartiles (no rows, no spread),
+  keeps delta; so does every class when no verified class has usable ones.
+
+  Not in the paper, which shares one delta, and off by default
+  (``training.TrainConfig.transfer_thresholds`` says why): it assumes the
+  quartiles say where a class's scores sit, which fails when the scores of
+  correct and mislabelled rows are well apart (the quartiles then follow the
+  class's noise rate). The ablation transfer_thresholds measures it.
+
+  Args:
+    delta: float, the shared threshold.
+    score_quartiles: float [L, 3] (``ClassScoreQuartiles.quartiles``).
+    verified_classes: [L] of {0, 1}: 1 for a class with verification labels.
+
+  Returns:
+    float64 [L].
+  """
+  fn = "class_thresholds"
+  delta = _check_delta(fn, delta)
+  quartiles = np.asarray(score_quartiles, np.float64)
+  if quartiles.ndim != 2 or quartiles.shape[1] != 3:
+    raise InputError(f"{fn}: score_quartiles must have shape [L, 3], got {quartiles.shape}")
+  verified = _check_binary(fn, "verified_classes", verified_classes, len(quartiles)) == 1
+  spread = quartiles[:, 2] - quartiles[:, 0]
+  usable = np.isfinite(quartiles).all(axis=1) & (spread > 0)
+  thresholds = np.full(len(quartiles), delta)
+  reference = verified & usable
+  if not reference.any():
+    return thresholds
+  median, typical_spread = quartiles[reference, 1].mean(), spread[reference].mean()
+  moved = ~verified & usable
+  thresholds[moved] = (quartiles[moved, 1]
+                       + (delta - median) * spread[moved] / typical_spread)
+  return thresholds
 
 
 def select_threshold(class_ids, truth, scores, candidates=None,

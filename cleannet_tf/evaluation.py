@@ -19,7 +19,8 @@ def naive_and_cleannet_errors(class_ids, truth, scores, delta, verified_classes)
     class_ids: int [N], noisy class of each evaluated row.
     truth: int [N], 1 where the noisy label is correct, else 0.
     scores: float [N], CleanNet scores.
-    delta: the threshold.
+    delta: the threshold, or one per row (``scoring.class_thresholds`` taken at
+      each row's class).
     verified_classes: int [V], classes that had verification labels in training.
 
   Returns:

@@ -6,14 +6,16 @@ version). The graph holds:
 
 * the L class embeddings [L, E], computed once at export time: the reference
   set encoder and the reference features [L, K, D] stay out of the export;
-* the feature normalisation, the query encoder and delta;
+* the feature normalisation, the query encoder and each class's threshold
+  (``scoring.class_thresholds``: delta, moved for classes without
+  verification labels);
 * optionally a feature backbone (a Keras model mapping images to features).
 
 Signatures (N is the batch, any size):
 
 * ``serving_default``: ``features`` float32 [N, D], ``class_id`` int64 [N] ->
   ``score`` float32 [N] (cosine similarity to the noisy class), ``is_clean``
-  int64 [N] (1 where score >= delta, else 0: an integer, like the is_clean
+  int64 [N] (1 where score >= the class's threshold, else 0: an integer, like the is_clean
   column of cleannet-score, so that JSON and TSV consumers need no boolean
   handling), ``weight_soft`` float32 [N] (max(0, score), eq. 12).
 * ``score_all_classes``: ``features`` float32 [N, D] -> ``scores`` float32
@@ -39,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+from cleannet_tf import scoring
 from cleannet_tf.errors import InputError
 
 CLASSES_ASSET = "classes.txt"
@@ -52,7 +55,7 @@ _TMP_PREFIX = ".tmp-"
 
 
 class ServingModule(tf.Module):
-  """What the SavedModel holds: class embeddings, query encoder, delta, backbone.
+  """What the SavedModel holds: class embeddings, query encoder, thresholds, backbone.
 
   Only the layers that run at serving time are tracked, so the export carries
   neither the reference features nor the reference encoder nor the decoder.
@@ -81,7 +84,10 @@ class ServingModule(tf.Module):
                          model.query_encoder.encoder_embedding]
     embeddings, _ = model.class_embeddings()
     self.class_embeddings = tf.Variable(embeddings, trainable=False, name="class_embeddings")
-    self.delta = tf.Variable(float(model.delta.numpy()), trainable=False, name="delta")
+    # Each class's threshold (its delta, moved for classes without
+    # verification labels): the model's weights are not saved, only these.
+    self.thresholds = tf.Variable(scoring.class_thresholds(model).astype(np.float32),
+                                  trainable=False, name="thresholds")
     self.class_names = tf.saved_model.Asset(class_names_path)
     self.backbone = backbone
     self.image_size = image_size
@@ -117,10 +123,10 @@ class ServingModule(tf.Module):
   def _score(self, features, class_id):
     """features float32 [N, D], class_id int64 [N] -> dict of [N] outputs."""
     with tf.control_dependencies(self._check_class_id(class_id)):
-      score = self._score_with_class_embeddings(
-          features, tf.identity(class_id), self.class_embeddings)
+      class_id = tf.identity(class_id)
+    score = self._score_with_class_embeddings(features, class_id, self.class_embeddings)
     return {"score": score,
-            "is_clean": tf.cast(score >= self.delta, tf.int64),
+            "is_clean": tf.cast(score >= tf.gather(self.thresholds, class_id), tf.int64),
             "weight_soft": tf.maximum(score, 0.0)}
 
   def _score_all_classes(self, features):

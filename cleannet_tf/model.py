@@ -256,9 +256,11 @@ class CleanNet(keras.Model):
     * ``normalized_features`` [B, D] (the autoencoder's target) and
       ``reconstruction`` [B, D].
 
-  The reference features [L, K, D], their counts [L] and the detection
-  threshold ``delta`` are non-trainable weights, so they travel inside the
-  ``.keras`` file and the exported SavedModel.
+  The reference features [L, K, D], their counts [L], the detection
+  threshold ``delta`` and what moves it per class for classes without
+  verification labels (``score_quartiles`` [L, 3], ``verified_classes`` [L];
+  ``scoring.class_thresholds``) are non-trainable weights, so they travel
+  inside the ``.keras`` file and the exported SavedModel.
   """
 
   def __init__(self, num_classes, num_references, feature_dim, normalization="log1p",
@@ -302,10 +304,30 @@ class CleanNet(keras.Model):
     self.delta = self.add_weight(
         name="delta", shape=(), initializer=keras.initializers.Constant(0.1),
         trainable=False)
+    # What ``detection.class_thresholds`` moves delta by for classes without
+    # verification labels (set by ``scoring.set_class_score_quartiles``); the
+    # defaults (every class verified) keep one delta for all.
+    self.score_quartiles = self.add_weight(
+        name="score_quartiles", shape=(self.num_classes, 3), initializer="zeros",
+        trainable=False)
+    self.verified_classes = self.add_weight(
+        name="verified_classes", shape=(self.num_classes,), dtype="int32", initializer="ones",
+        trainable=False)
     self.normalize.build((None, self.feature_dim))
     self.query_encoder.build((None, self.feature_dim))
     self.reference_encoder.build((None, self.num_references, self.feature_dim))
     self.built = True
+
+  def load_own_variables(self, store):
+    # A file saved before score_quartiles and verified_classes existed holds
+    # only the weights created before them; those two keep their defaults.
+    own = self._trainable_variables + self._non_trainable_variables
+    saved = len(store.keys())
+    if saved >= len(own):
+      super().load_own_variables(store)
+      return
+    for index, variable in enumerate(own[:saved]):
+      variable.assign(store[str(index)])
 
   def set_reference_sets(self, reference_sets):
     """Loads a ``references.ReferenceSets`` (features [L, K, D], counts [L])."""

@@ -19,6 +19,10 @@
   or cannot be read or decoded (placeholders in the pages);
 * ``thumbs/``: small JPEG thumbnails of the images shown.
 
+Delta here is each class's threshold (``scoring.class_thresholds``): the
+model's delta, moved by its score quartiles for a class without verification
+labels.
+
 "Verify next" ranking: only unverified rows (verification -1) are candidates;
 within a class they rank by |score - delta| ascending (the rows the model is
 least sure about); the list then goes round-robin over classes (every class's
@@ -294,8 +298,8 @@ class _ScoreStats:
   near_delta: _Candidates
 
 
-def _read_scores(score_paths, num_classes, delta, per_class, verify_budget, truth):
-  """One streamed pass over the score TSVs -> _ScoreStats."""
+def _read_scores(score_paths, num_classes, thresholds, per_class, verify_budget, truth):
+  """One streamed pass over the score TSVs -> _ScoreStats (thresholds: float [L])."""
 
   def zeros(*shape):
     return np.zeros((num_classes, *shape), np.int64)
@@ -307,13 +311,14 @@ def _read_scores(score_paths, num_classes, delta, per_class, verify_budget, trut
       zeros(), zeros(), zeros(HISTOGRAM_BINS), zeros(), zeros(), zeros(), zeros(),
       lowest=_Candidates(per_class, lambda rows: rows.score),
       highest=_Candidates(per_class, lambda rows: -rows.score),
-      near_delta=_Candidates(verify_budget, lambda rows: np.abs(rows.score - delta),
+      near_delta=_Candidates(verify_budget,
+                             lambda rows: np.abs(rows.score - thresholds[rows.class_id]),
                              keep=lambda rows: rows.verification < 0))
   for path in score_paths:
     for chunk in _score_chunks(path, num_classes):
       c = chunk.class_id
       stats.rows += np.bincount(c, minlength=num_classes)
-      stats.below_delta += count(c, chunk.score < delta)
+      stats.below_delta += count(c, chunk.score < thresholds[c])
       bins = np.clip(((chunk.score + 1) / 2 * HISTOGRAM_BINS).astype(np.int64), 0,
                      HISTOGRAM_BINS - 1)
       stats.histogram += np.bincount(c * HISTOGRAM_BINS + bins, minlength=stats.histogram.size
@@ -498,9 +503,9 @@ def _class_file(class_id):
   return f"class-{class_id:05d}.html"
 
 
-def _verify_order(rows, class_verified, delta):
+def _verify_order(rows, class_verified, thresholds):
   """Indices of candidate rows in "verify next" order (module docstring)."""
-  distance = np.abs(rows.score - delta)
+  distance = np.abs(rows.score - thresholds[rows.class_id])
   rank = _rank_within_group(rows.class_id, distance)
   return np.lexsort((distance, rank, class_verified[rows.class_id]))
 
@@ -510,6 +515,7 @@ class _Report:
   """Everything the pages are rendered from."""
   class_names: Sequence[str]
   delta: float
+  thresholds: np.ndarray  # [L], each class's (``scoring.class_thresholds``)
   stats: _ScoreStats
   class_verified: np.ndarray  # bool [L], the class has verification labels
   attention: np.ndarray  # [L, K]
@@ -521,7 +527,7 @@ class _Report:
 
 
 def _class_page(report, class_id, thumbnails):
-  stats, delta = report.stats, report.delta
+  stats, delta = report.stats, float(report.thresholds[class_id])
   name = report.class_names[class_id]
   rows = int(stats.rows[class_id])
   sections = [f'<p><a href="index.html">&larr; all classes</a></p><h1>{html.escape(name)}</h1>',
@@ -529,7 +535,9 @@ def _class_page(report, class_id, thumbnails):
               f"{int(stats.below_delta[class_id])} below delta "
               f"({_percent(_rate(stats.below_delta[class_id], rows))} estimated noise)"
               + (f" &middot; {int(stats.verified[class_id])} verified rows" if
-                 report.class_verified[class_id] else " &middot; no verification labels")
+                 report.class_verified[class_id] else
+                 f" &middot; no verification labels (delta {report.delta:.3f} moved to "
+                 f"{delta:.3f} by its score quartiles)")
               + "</p>",
               _svg_histogram(stats.histogram[class_id], delta, 520, 160)]
   for title, candidates in (("Suspects: lowest scores", stats.lowest),
@@ -556,6 +564,7 @@ def _class_page(report, class_id, thumbnails):
 
 def _index_page(report, thumbnails, verify_items):
   stats, delta, names = report.stats, report.delta, report.class_names
+  thresholds = report.thresholds
   noise = stats.below_delta / np.maximum(stats.rows, 1)
   order = np.lexsort((np.arange(len(names)), -noise))
   total = int(stats.rows.sum())
@@ -575,24 +584,26 @@ def _index_page(report, thumbnails, verify_items):
         f'<td class="num">{_percent(_rate(stats.verified_noisy[c], stats.verified[c]))}</td>'
         + (f'<td class="num">{_percent(_rate(stats.truth_noisy[c], stats.truth_known[c]))}</td>'
            if report.has_truth else "")
-        + f"<td>{_svg_histogram(stats.histogram[c], delta, 160, 28, axis=False)}</td></tr>")
+        + f"<td>{_svg_histogram(stats.histogram[c], thresholds[c], 160, 28, axis=False)}"
+        "</td></tr>")
   unreadable = "".join(
       f"<tr><td>{html.escape(key)}</td><td>{html.escape(path)}</td><td>{html.escape(why)}</td></tr>"
       for key, (path, why) in thumbnails.unreadable.items())
   sections = [
       "<h1>CleanNet review</h1>",
       f'<p class="lead">{total} rows &middot; {len(names)} classes &middot; delta = {delta:.3f}'
-      f" &middot; {int(stats.below_delta.sum())} rows scored below delta "
+      f" &middot; {int(stats.below_delta.sum())} rows scored below their class's delta "
       f"({_percent(_rate(stats.below_delta.sum(), total))} estimated noise)</p>",
       "<h2>Classes by estimated noise</h2>",
       '<p class="muted">estimated noise: share of rows scored below delta (red bars in the '
-      "histograms); measured: share of verified rows labelled 0"
+      "histograms; a class without verification labels has delta moved by its score "
+      "quartiles); measured: share of verified rows labelled 0"
       + (", and of rows whose clean label differs" if report.has_truth else "")
       + ".</p>",
       f"<table>{header}{''.join(body)}</table>",
       f"<h2>Verify next ({len(verify_items)} rows, <a href=\"verify_next.csv\">"
       "verify_next.csv</a>)</h2>",
-      '<p class="muted">unverified rows with scores nearest delta, round-robin over classes, '
+      '<p class="muted">unverified rows with scores nearest their class\'s delta, round-robin over classes, '
       "classes without verification labels first. Fill in the verification column (1 = label "
       "correct, 0 = mislabeled) and feed the file back as verification labels.</p>",
       _grid(verify_items)]
@@ -618,7 +629,7 @@ def _render(report, folder, paths):
       f.write(_class_page(report, class_id, thumbnails))
   verify, names = report.verify, report.class_names
   verify_items = [
-      thumbnails.item(key, f"{html.escape(names[c])} &middot; {_score_caption(s, report.delta)}")
+      thumbnails.item(key, f"{html.escape(names[c])} &middot; {_score_caption(s, report.thresholds[c])}")
       for key, c, s in zip(verify.key.tolist(), verify.class_id.tolist(), verify.score.tolist())]
   _write_csv(os.path.join(folder, "verify_next.csv"), VERIFY_COLUMNS,
              [(key, (paths or {}).get(key, ""), names[c], "")
@@ -682,6 +693,7 @@ def write_report(model, feature_info, score_paths, out_dir, manifest=None, truth
     raise InputError("no score files given")
   names = feature_info.class_names
   delta = float(model.delta.numpy())
+  thresholds = scoring.class_thresholds(model)
   clean = None
   if truth is not None:
     clean = _Truth.read(truth, names, "clean_label")
@@ -689,13 +701,14 @@ def write_report(model, feature_info, score_paths, out_dir, manifest=None, truth
     with _open(manifest, "the manifest") as f:
       has_column = "clean_label" in next(csv.reader(f), [])
     clean = _Truth.read(manifest, names, "clean_label") if has_column else None
-  stats = _read_scores(score_paths, len(names), delta, per_class, verify_budget, clean)
+  stats = _read_scores(score_paths, len(names), thresholds, per_class, verify_budget, clean)
   class_verified = feature_info.class_counts[:, 1:].sum(axis=1) > 0
   candidates = stats.near_delta.rows
-  verify = candidates.take(_verify_order(candidates, class_verified, delta)[:verify_budget])
+  verify = candidates.take(_verify_order(candidates, class_verified,
+                                         thresholds)[:verify_budget])
   _, attention = model.class_embeddings()
   member_keys, _ = nearest_members(model, feature_info)
-  report = _Report(names, delta, stats, class_verified, np.asarray(attention),
+  report = _Report(names, delta, thresholds, stats, class_verified, np.asarray(attention),
                    model.reference_counts.numpy(), member_keys, verify, clean is not None,
                    references_shown)
   paths = None

@@ -44,9 +44,43 @@ class Scorer:
     return np.concatenate(scores) if scores else np.zeros([0], np.float32)
 
 
-def _format_rows(rows, scores, delta, class_names):
-  """Tab-separated output lines for one batch (no per-row Python loop but the join)."""
-  w_soft, w_hard = detection.sample_weights(scores, delta)
+def class_thresholds(model) -> np.ndarray:
+  """`model`'s threshold of each class, float64 [L] (``detection.class_thresholds``).
+
+  Its delta, moved for each class that had no verification labels in
+  training by that class's score quartiles (``set_class_score_quartiles``).
+  """
+  return detection.class_thresholds(float(model.delta.numpy()), model.score_quartiles.numpy(),
+                                    model.verified_classes.numpy())
+
+
+def set_class_score_quartiles(model, info, verified_classes, batch_size=4096):
+  """Records each class's score quartiles over all rows of `info` in `model`.
+
+  One streamed pass (memory: a batch and ``detection.ClassScoreQuartiles``'s
+  histograms). Labels are not used, so every row counts, verified or not.
+
+  Args:
+    model: a CleanNet, trained.
+    info: the feature set it was trained on.
+    verified_classes: [L] of {0, 1}, 1 for the classes that had verification
+      labels in training; all ones gives every class the one delta.
+  """
+  scorer = Scorer(model)
+  quartiles = detection.ClassScoreQuartiles(model.num_classes)
+  for batch in data.feature_dataset(info).batch(batch_size).as_numpy_iterator():
+    quartiles.add(batch["class_id"], scorer.score(batch["features"], batch["class_id"],
+                                                  batch_size))
+  model.score_quartiles.assign(np.nan_to_num(quartiles.quartiles()).astype(np.float32))
+  model.verified_classes.assign(np.asarray(verified_classes, np.int32))
+
+
+def _format_rows(rows, scores, thresholds, class_names):
+  """Tab-separated output lines for one batch (no per-row Python loop but the join).
+
+  `thresholds` float [L]: each class's (``class_thresholds``).
+  """
+  w_soft, w_hard = detection.sample_weights(scores, thresholds[rows["class_id"]])
   names = np.asarray(class_names, dtype=object)[rows["class_id"]]
   keys = [key.decode("utf-8") for key in rows["key"]]
   columns = zip(keys, rows["class_id"].tolist(), names, rows["verification"].tolist(),
@@ -97,7 +131,7 @@ def score_feature_set(model, info, output_dir, batch_size=4096):
   """
   os.makedirs(output_dir, exist_ok=True)
   scorer = Scorer(model)
-  delta = float(model.delta.numpy())
+  thresholds = class_thresholds(model)
   summary = ScoreSummary(outputs=[])
   shard_rows = info.shard_num_rows or (0,) * len(info.shard_paths)
   for shard_path, num_rows in zip(info.shard_paths, shard_rows):
@@ -114,7 +148,8 @@ def score_feature_set(model, info, output_dir, batch_size=4096):
       out.write("\t".join(SCORE_COLUMNS) + "\n")
       for batch in data.feature_dataset(shard).batch(batch_size).as_numpy_iterator():
         scores = scorer.score(batch["features"], batch["class_id"], batch_size)
-        out.write(_format_rows(batch, scores, delta, info.class_names))
-        summary.add(batch["class_id"], batch["verification"], scores, scores >= delta)
+        out.write(_format_rows(batch, scores, thresholds, info.class_names))
+        summary.add(batch["class_id"], batch["verification"], scores,
+                    scores >= thresholds[batch["class_id"]])
     os.replace(temporary, output_path)
   return summary

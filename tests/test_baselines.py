@@ -215,16 +215,20 @@ def _benchmark_rows(tmp_path, num_rows=240, num_classes=4):
   return rows, truth, info
 
 
-def _record_cleannet_calls(monkeypatch):
-  """Replaces CleanNet training by its first feature; returns the calls' list."""
+def _record_cleannet_calls(monkeypatch, thresholds_of=None):
+  """Replaces CleanNet training by its first feature; returns the calls' list.
+
+  `thresholds_of` is the fake runs' (default: delta for every class).
+  """
   calls = []
 
-  def fake_cleannet_scores(masked_info, reference_sets, model_dir, row_features,
-                           row_class_ids, overrides=None):
+  def fake_cleannet_run(masked_info, reference_sets, model_dir, row_features,
+                        row_class_ids, overrides=None):
     calls.append((model_dir, masked_info.directory, overrides))
-    return row_features[:, 0].astype(np.float64)
+    return (row_features[:, 0].astype(np.float64),
+            thresholds_of or (lambda delta: np.full(masked_info.num_classes, delta)))
 
-  monkeypatch.setattr(benchmark_detection, "cleannet_scores", fake_cleannet_scores)
+  monkeypatch.setattr(benchmark_detection, "cleannet_run", fake_cleannet_run)
   return calls
 
 
@@ -253,6 +257,7 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
       for tie_band, errors in [(None, expected), (0.0, expected_exact)]:
         delta = benchmark_detection.threshold_and_error(scores, class_ids, masked, val,
                                                         evaluated, truth, tie_band)["delta"]
+        delta = np.full(info.num_classes, delta)
         errors.append(benchmark_detection.held_out_verified_error(
             scores, class_ids, verification, held_out, delta))
   assert [run["cleannet_held_out_verified_error"] for run in report[2]["splits"]] == expected
@@ -263,6 +268,33 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
   assert (str(tmp_path / "out/transfer_n2_split1/cleannet-dropout"), {"dropout": 0.2}) in [
       (model_dir, overrides) for model_dir, _, overrides in calls]
   assert 0 < np.mean(expected) < 0.5
+
+
+def test_transfer_decides_held_out_classes_at_cleannets_moved_thresholds(tmp_path, monkeypatch):
+  rows, truth, info = _benchmark_rows(tmp_path)
+  scores = rows["features"][:, 0].astype(np.float64)
+  full_results = {"naive": {"error": 0.3}, "MLP": {"error": 0.2, "delta": 0.5},
+                  "CleanNet": {"error": 0.1, "val_error": 0.1}}
+  full_scores = {"naive": np.ones(len(truth)), "MLP": scores}
+  # Every class's threshold 1 above delta: held-out classes are decided there.
+  _record_cleannet_calls(monkeypatch, lambda delta: np.full(info.num_classes, delta + 1.0))
+  with flagsaver.flagsaver():
+    benchmark_detection.FLAGS(["test", "--clean_labels=x", "--transfer_n=2",
+                               "--transfer_splits=1"])
+    report = benchmark_detection.transfer(rows, truth, None, full_scores, full_results,
+                                          info, str(tmp_path / "out"))
+    held_out, masked, evaluated, val, _ = benchmark_detection.held_out_split(
+        rows, 2, 0, info, str(tmp_path / "out"))
+    delta = benchmark_detection.threshold_and_error(scores, rows["class_id"], masked, val,
+                                                    evaluated, truth)["delta"]
+  moved = detection.average_per_class_error(
+      rows["class_id"][evaluated], truth[evaluated],
+      detection.decisions(scores[evaluated], delta + 1.0))
+  at_delta = detection.average_per_class_error(
+      rows["class_id"][evaluated], truth[evaluated],
+      detection.decisions(scores[evaluated], delta))
+  assert moved != at_delta
+  assert report[2]["splits"][0]["errors"]["CleanNet"] == pytest.approx(moved)
 
 
 @pytest.mark.parametrize("ablation_seeds, num_runs", [
@@ -278,13 +310,13 @@ def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(
                                                       info.num_classes, k=2, seed=0)
   calls = _record_cleannet_calls(monkeypatch)
   call_references = {}
-  recorded_scores = benchmark_detection.cleannet_scores
+  recorded_run = benchmark_detection.cleannet_run
 
-  def scores_keeping_references(masked_info, run_references, model_dir, *args, **kwargs):
+  def run_keeping_references(masked_info, run_references, model_dir, *args, **kwargs):
     call_references[model_dir] = run_references
-    return recorded_scores(masked_info, run_references, model_dir, *args, **kwargs)
+    return recorded_run(masked_info, run_references, model_dir, *args, **kwargs)
 
-  monkeypatch.setattr(benchmark_detection, "cleannet_scores", scores_keeping_references)
+  monkeypatch.setattr(benchmark_detection, "cleannet_run", run_keeping_references)
   out = str(tmp_path / "out")
   probabilities = np.random.default_rng(1).random((len(truth), info.num_classes))
   with flagsaver.flagsaver():

@@ -224,3 +224,70 @@ def test_select_threshold_cv_small_class_falls_back_to_kfold():
   out = detection.select_threshold_cv(class_ids, truth, scores, folds=5)
   assert len(out["fold_errors"]) == 5
   assert out["cv_avg_class_error"] == pytest.approx(np.mean(out["fold_errors"]))
+
+
+def test_decisions_and_weights_take_one_threshold_per_row():
+  scores = np.array([0.2, 0.5, 0.7])
+  np.testing.assert_array_equal(detection.decisions(scores, [0.1, 0.6, 0.6]), [1, 0, 1])
+  _, w_hard = detection.sample_weights(scores, np.array([0.3, 0.3, 0.8]))
+  np.testing.assert_array_equal(w_hard, [0, 1, 0])
+  m = detection.detection_metrics([0, 0, 1], [1, 1, 0], scores, [0.1, 0.6, 0.6])
+  assert m["avg_class_error"] == pytest.approx((1 / 2 + 1) / 2) and m["delta"] is None
+  with pytest.raises(InputError, match="shape"):
+    detection.decisions(scores, [0.1, 0.2])
+  with pytest.raises(InputError, match="NaN"):
+    detection.decisions(scores, [0.1, np.nan, 0.2])
+
+
+def test_class_score_quartiles_match_numpy_percentiles_and_stream():
+  rng = np.random.default_rng(0)
+  # Enough rows that neighbouring order statistics lie far closer than a bin.
+  class_ids = rng.integers(0, 3, 60_000)
+  scores = np.tanh(rng.normal(class_ids * 0.3, 0.4))
+  quartiles = detection.ClassScoreQuartiles(4)
+  for start in range(0, 60_000, 7000):
+    quartiles.add(class_ids[start:start + 7000], scores[start:start + 7000])
+  quartiles.add(np.zeros(0, np.int64), np.zeros(0))
+  found = quartiles.quartiles()
+  for c in range(3):
+    expected = np.percentile(scores[class_ids == c], [25, 50, 75])
+    np.testing.assert_allclose(found[c], expected, atol=2 / detection.SCORE_BINS)
+  assert np.isnan(found[3]).all()  # no rows
+  with pytest.raises(InputError, match="class id 4"):
+    quartiles.add([4], [0.5])
+  with pytest.raises(InputError, match="NaN"):
+    quartiles.add([0], [np.nan])
+
+
+def test_class_thresholds_move_delta_for_unverified_classes_only():
+  # Verified classes 0 and 1: mean median 0.2, mean spread 0.4. Class 2,
+  # unverified, sits at median -0.1 with spread 0.2: delta 0.3 (0.1 above the
+  # verified median, a quarter of their spread) moves to -0.1 + 0.25 * 0.2.
+  quartiles = np.array([[0.0, 0.3, 0.5], [-0.1, 0.1, 0.2], [-0.2, -0.1, 0.0],
+                        [np.nan] * 3, [0.1, 0.1, 0.1]])
+  verified = np.array([1, 1, 0, 0, 0])
+  thresholds = detection.class_thresholds(0.3, quartiles, verified)
+  np.testing.assert_allclose(thresholds, [0.3, 0.3, -0.1 + 0.25 * 0.2, 0.3, 0.3])
+  # Every class verified, or none with usable quartiles: delta for all.
+  np.testing.assert_array_equal(detection.class_thresholds(0.3, quartiles, np.ones(5)),
+                                np.full(5, 0.3))
+  np.testing.assert_array_equal(
+      detection.class_thresholds(0.3, np.zeros((5, 3)), verified), np.full(5, 0.3))
+  with pytest.raises(InputError, match=r"\[L, 3\]"):
+    detection.class_thresholds(0.3, np.zeros((5, 2)), verified)
+  with pytest.raises(InputError, match="verified_classes"):
+    detection.class_thresholds(0.3, quartiles, np.ones(4))
+
+
+def test_class_thresholds_decide_like_delta_on_rank_matched_scores():
+  # A class whose scores are a scaled, shifted copy of a verified class's is
+  # decided row for row as that class is at delta.
+  rng = np.random.default_rng(1)
+  verified_scores = rng.uniform(-0.5, 0.9, 2000)
+  moved_scores = 0.5 * verified_scores - 0.3
+  quartiles = detection.ClassScoreQuartiles(2)
+  quartiles.add(np.repeat([0, 1], 2000), np.concatenate([verified_scores, moved_scores]))
+  thresholds = detection.class_thresholds(0.4, quartiles.quartiles(), [1, 0])
+  agree = np.mean(detection.decisions(verified_scores, 0.4)
+                  == detection.decisions(moved_scores, thresholds[1]))
+  assert agree > 0.995

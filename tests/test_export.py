@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from cleannet_tf import data, export
+from cleannet_tf import data, export, scoring
 from cleannet_tf.errors import InputError
 from test_scoring import NUM_CLASSES, DIM, small_model
 
@@ -49,6 +49,11 @@ def exported(tmp_path_factory):
   """(version dir, the .keras path, the backbone, sample inputs) of one export."""
   root = tmp_path_factory.mktemp("export")
   model, backbone, inputs = small_model(), tiny_backbone(), sample_inputs()
+  # Fish had no verification labels: its threshold is delta (0.2) moved to
+  # the middle of its scores (median -0.9 against 0.2 for the verified classes).
+  model.score_quartiles.assign(np.array([[0.0, 0.2, 0.4], [0.0, 0.2, 0.4], [-0.95, -0.9, -0.85]],
+                                        np.float32))
+  model.verified_classes.assign(np.array([1, 1, 0], np.int32))
   keras_path = str(root / "model.keras")
   model.save(keras_path)
   path = export.export_savedmodel(
@@ -90,7 +95,10 @@ def test_fresh_process_scores_like_the_reloaded_keras_model(exported, tmp_path):
   features, class_id = inputs["features"], inputs["class_id"]
   score = model({"features": features, "class_id": class_id})["score"].numpy()
   np.testing.assert_allclose(got["serving_default/score"], score, atol=1e-5)
-  np.testing.assert_array_equal(got["serving_default/is_clean"], score >= 0.2)
+  thresholds = scoring.class_thresholds(model)
+  np.testing.assert_allclose(thresholds, [0.2, 0.2, -0.9], atol=1e-6)
+  np.testing.assert_array_equal(got["serving_default/is_clean"], score >= thresholds[class_id])
+  assert ((score >= thresholds[class_id]) != (score >= 0.2)).any()  # one delta would differ
   assert got["serving_default/is_clean"].dtype == np.int64
   np.testing.assert_allclose(got["serving_default/weight_soft"], np.maximum(score, 0), atol=1e-5)
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import keras
 import numpy as np
@@ -125,6 +126,8 @@ def test_call_with_every_class_embedding_matches_encoding_the_batch_classes():
 def test_keras_file_round_trips_in_a_fresh_process(tmp_path):
   model = small_model()
   model.delta.assign(0.25)
+  model.score_quartiles.assign(np.array([[0.1, 0.2, 0.3]] * 3, "float32"))
+  model.verified_classes.assign(np.array([1, 0, 1], "int32"))
   path = str(tmp_path / "cleannet.keras")
   model.save(path)
   batch = queries()
@@ -140,7 +143,38 @@ def test_keras_file_round_trips_in_a_fresh_process(tmp_path):
                     "class_id": np.load(d + "/class_id.npy")}})["score"]
       np.testing.assert_allclose(got, np.load(d + "/expected.npy"), rtol=1e-6)
       assert abs(float(model.delta) - 0.25) < 1e-7
+      np.testing.assert_allclose(model.score_quartiles, [[0.1, 0.2, 0.3]] * 3, rtol=1e-6)
+      assert model.verified_classes.numpy().tolist() == [1, 0, 1]
       print("ok")
   """)
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
   assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_a_file_saved_before_the_score_quartiles_loads_with_one_delta(tmp_path):
+  h5py = pytest.importorskip("h5py")
+  model = small_model()
+  model.delta.assign(0.25)
+  path = tmp_path / "cleannet.keras"
+  model.save(path)
+  # Rewrite the file as the library wrote it before score_quartiles and
+  # verified_classes: the model's own weights were the first three.
+  with zipfile.ZipFile(path) as archive:
+    members = {name: archive.read(name) for name in archive.namelist()}
+  weights = tmp_path / "model.weights.h5"
+  weights.write_bytes(members["model.weights.h5"])
+  with h5py.File(weights, "r+") as store:
+    own = store["vars"]
+    assert sorted(own) == ["0", "1", "2", "3", "4"]
+    del own["3"], own["4"]
+  members["model.weights.h5"] = weights.read_bytes()
+  old = tmp_path / "old.keras"
+  with zipfile.ZipFile(old, "w") as archive:
+    for name, content in members.items():
+      archive.writestr(name, content)
+  loaded = keras.models.load_model(old)
+  assert float(loaded.delta) == pytest.approx(0.25)
+  np.testing.assert_array_equal(loaded.reference_counts.numpy(), [4, 2, 1])
+  assert loaded.verified_classes.numpy().tolist() == [1, 1, 1]
+  batch = queries()
+  np.testing.assert_allclose(loaded(batch)["score"], model(batch)["score"], rtol=1e-6)

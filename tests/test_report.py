@@ -45,6 +45,8 @@ def build_scored_set(directory, with_images=True):
                              verification, CLASSES, rows_per_shard=15)
   scores = scoring.Scorer(model).score(features, class_ids)
   model.delta.assign(float(np.median(scores)))
+  # Dog and fish have no verification labels: their thresholds move.
+  scoring.set_class_score_quartiles(model, info, [1, 0, 0])
   summary = scoring.score_feature_set(model, info, str(directory / "scores"))
   result = {"model": model, "info": info, "score_paths": summary.outputs, "manifest": None,
             "scores": {"key": keys, "class_id": class_ids, "verification": verification,
@@ -96,18 +98,22 @@ def test_pages_show_every_class_with_delta_and_the_extreme_scores(scored, tmp_pa
   summary = write(scored, tmp_path / "review", per_class=4)
   pages = read_pages(tmp_path / "review")
   assert summary["rows"] == NUM_ROWS and summary["classes"] == len(CLASSES)
-  scores, delta = scored["scores"], summary["delta"]
+  scores = scored["scores"]
+  thresholds = scoring.class_thresholds(scored["model"])
+  assert thresholds[0] == summary["delta"] and (thresholds[1:] != summary["delta"]).all()
   for class_id, name in enumerate(CLASSES):
     page = pages[f"class-{class_id:05d}.html"]
     assert f"<h1>{name}</h1>" in page and f'href="class-{class_id:05d}.html"' in pages["index.html"]
-    assert re.search(r'<svg[^>]*aria-label="score histogram, delta [-0-9.]+".*class="delta"', page)
+    assert re.search(r'<svg[^>]*aria-label="score histogram, delta '
+                     f'{thresholds[class_id]:.3f}".*class="delta"', page)
+    assert ("moved to" in page) == (class_id > 0)
     members = scores["class_id"] == class_id
     order = np.argsort(scores["score"][members], kind="stable")
     keys = scores["key"][members]
     assert section_keys(page, "Suspects") == keys[order[:4]].tolist()
     assert section_keys(page, "Highest") == keys[order[::-1][:4]].tolist()
   # Classes are listed by estimated noise (share below delta), highest first.
-  noise = [np.mean(scores["score"][scores["class_id"] == c] < delta) for c in range(3)]
+  noise = [np.mean(scores["score"][scores["class_id"] == c] < thresholds[c]) for c in range(3)]
   listed = re.findall(r'<tr id="class-(\d+)">', pages["index.html"])
   assert [noise[int(c)] for c in listed] == sorted(noise, reverse=True)
   assert pages["index.html"].count('class="tag"') == 1  # only "cat" is verified
@@ -136,7 +142,7 @@ def test_verify_next_csv_is_a_ranked_manifest_within_budget(scored, tmp_path):
   assert tuple(rows[0]) == report.VERIFY_COLUMNS == ("key", "path", "label", "verification")
   rows = rows[1:]
   assert len(rows) == 7
-  scores, delta = scored["scores"], float(scored["model"].delta.numpy())
+  scores, thresholds = scored["scores"], scoring.class_thresholds(scored["model"])
   index = {key: i for i, key in enumerate(scores["key"])}
   picked = np.array([index[row[0]] for row in rows])
   assert all(row[3] == "" for row in rows)
@@ -148,9 +154,9 @@ def test_verify_next_csv_is_a_ranked_manifest_within_budget(scored, tmp_path):
   assert 0 not in classes  # "cat" is verified and there are enough other rows
   assert all(set(classes[i:i + 2]) == {1, 2} for i in range(0, 6, 2))
   for c in (1, 2):
-    distance = np.abs(scores["score"][picked[classes == c]] - delta)
-    members = (scores["class_id"] == c)
-    nearest = np.sort(np.abs(scores["score"][members] - delta))[:len(distance)]
+    distance = np.abs(scores["score"][picked[classes == c]] - thresholds[c])
+    members = (scores["class_id"] == c) & (scores["verification"] == -1)
+    nearest = np.sort(np.abs(scores["score"][members] - thresholds[c]))[:len(distance)]
     np.testing.assert_allclose(distance, nearest)
   write(scored, tmp_path / "all", verify_budget=1000)
   rows = read_csv(tmp_path / "all" / "verify_next.csv")[1:]

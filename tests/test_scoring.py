@@ -86,3 +86,24 @@ def test_score_tool_prints_metrics_and_rejects_mismatched_model(tmp_path):
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "6-d features" in last and "Traceback" not in result.stderr
+
+
+def test_class_without_verification_labels_is_decided_at_its_moved_threshold(tmp_path):
+  model, info = small_model(), feature_set(tmp_path / "features", n=60)
+  rows = data.load_arrays(info, verification="all")
+  scores = scoring.Scorer(model).score(rows["features"], rows["class_id"])
+  scoring.set_class_score_quartiles(model, info, [1, 0, 1])
+  for c in range(NUM_CLASSES):
+    expected = np.percentile(scores[rows["class_id"] == c], [25, 50, 75])
+    np.testing.assert_allclose(model.score_quartiles.numpy()[c], expected, atol=0.01)
+  thresholds = scoring.class_thresholds(model)
+  np.testing.assert_allclose(thresholds[[0, 2]], 0.2)
+  assert abs(thresholds[1] - 0.2) > 1e-3
+  np.testing.assert_allclose(
+      thresholds, detection.class_thresholds(0.2, model.score_quartiles.numpy(), [1, 0, 1]))
+  summary = scoring.score_feature_set(model, info, str(tmp_path / "scores"))
+  table = read_table(summary.outputs)
+  _, w_hard = detection.sample_weights(np.array(table["score"], float),
+                                       thresholds[rows["class_id"]])
+  assert np.array(table["is_clean"], int).tolist() == w_hard.astype(int).tolist()
+  assert summary.flagged == int((w_hard == 0).sum())

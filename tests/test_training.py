@@ -212,6 +212,41 @@ def test_training_writes_a_keras_model_that_scores_alike_in_a_fresh_process(
   assert float(out.stdout.split()[1]) == pytest.approx(result.best_metrics["delta"], abs=1e-6)
 
 
+@pytest.mark.parametrize("transfer_thresholds", [True, False])
+def test_classes_without_verification_labels_get_thresholds_moved_by_their_quartiles(
+    tmp_path, transfer_thresholds):
+  full = make_feature_set(tmp_path / "full")
+  rows = data.load_arrays(full, verification="all")
+  # Class 3's verification labels hidden: it transfers.
+  masked = np.where(rows["class_id"] == 3, -1, rows["verification"])
+  info = data.write_features(str(tmp_path / "masked"), rows["key"], rows["features"],
+                             rows["class_id"], masked, full.class_names)
+  result = training.Trainer(MODEL_CONFIG, reference_sets(info), info, str(tmp_path / "run"),
+                            config(transfer_thresholds=transfer_thresholds)).train()
+  model = result.model
+  from cleannet_tf import scoring
+  scores = scoring.Scorer(model).score(rows["features"], rows["class_id"])
+  for c in range(NUM_CLASSES):
+    np.testing.assert_allclose(model.score_quartiles.numpy()[c],
+                               np.percentile(scores[rows["class_id"] == c], [25, 50, 75]),
+                               atol=0.02)
+  thresholds = scoring.class_thresholds(model)
+  delta = float(model.delta.numpy())
+  np.testing.assert_allclose(thresholds[:3], delta)
+  if transfer_thresholds:
+    assert model.verified_classes.numpy().tolist() == [1, 1, 1, 0]
+    assert thresholds[3] != pytest.approx(delta)
+  else:
+    assert model.verified_classes.numpy().tolist() == [1, 1, 1, 1]
+    assert thresholds[3] == pytest.approx(delta)
+  with open(tmp_path / "run" / "summary.json", encoding="utf-8") as summary:
+    assert json.load(summary)["class_thresholds"] == pytest.approx(
+        dict(zip(info.class_names, thresholds.tolist())))
+  # The saved model holds them.
+  saved = keras.models.load_model(tmp_path / "run" / "model.keras")
+  np.testing.assert_allclose(scoring.class_thresholds(saved), thresholds, rtol=1e-6)
+
+
 def test_feature_statistics_are_those_of_every_row_after_the_transform(feature_set):
   model = model_lib.CleanNet(**MODEL_CONFIG)
   training.set_feature_statistics(model, feature_set, batch_size=50)

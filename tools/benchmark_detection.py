@@ -116,6 +116,8 @@ ABLATIONS = {
     "references_100": ("K=100 references per class (default 50)", {"num_references": 100}),
     "exact_threshold_ties": ("delta at the exact validation minimum in transfer too "
                              "(no tie band)", {"threshold_tie_band": 0.0}),
+    "transfer_thresholds": ("delta moved by each unverified class's score quartiles "
+                            "(detection.class_thresholds)", {"transfer_thresholds": True}),
 }
 
 PROTOCOL = """\
@@ -201,12 +203,15 @@ def verified_split(verification, class_ids, seed):
 
 
 def threshold_and_error(scores, class_ids, verification, val, evaluated, truth,
-                        transfer_tie_band=None):
+                        transfer_tie_band=None, thresholds_of=None):
   """Threshold chosen on `val` rows; its validation and evaluation errors.
 
   The library's rule for every method (``training.evaluate``'s): the tie band
   `transfer_tie_band` (default --threshold_tie_band) when `evaluated` holds
   classes without validation rows (transfer), exact ties otherwise.
+  `thresholds_of` (CleanNet's, ``cleannet_run``) maps delta to every class's
+  threshold, for the classes without verification labels; then they decide
+  the evaluated rows and are returned as "thresholds" [L].
   """
   if transfer_tie_band is None:
     transfer_tie_band = FLAGS.threshold_tie_band
@@ -214,21 +219,32 @@ def threshold_and_error(scores, class_ids, verification, val, evaluated, truth,
       class_ids[val], verification[val], scores[val],
       tie_band=detection.transfer_tie_band(class_ids[val], class_ids[evaluated],
                                            transfer_tie_band))
+  result = {"delta": delta, "val_error": val_error}
+  if thresholds_of is not None:
+    result["thresholds"] = thresholds_of(delta).tolist()
   error = detection.average_per_class_error(
-      class_ids[evaluated], truth[evaluated], detection.decisions(scores[evaluated], delta))
-  return {"delta": delta, "val_error": val_error, "error": error}
+      class_ids[evaluated], truth[evaluated],
+      detection.decisions(scores[evaluated],
+                          _at_classes(result.get("thresholds", delta), class_ids[evaluated])))
+  return {**result, "error": error}
 
 
-def held_out_verified_error(scores, class_ids, verification, held_out, delta):
-  """Error at `delta` on the verified rows of the held-out classes.
+def _at_classes(thresholds, class_ids):
+  """A scalar delta as is; per-class thresholds [L] taken at each of `class_ids`."""
+  return np.asarray(thresholds)[class_ids] if np.ndim(thresholds) else thresholds
+
+
+def held_out_verified_error(scores, class_ids, verification, held_out, thresholds):
+  """Error at `thresholds` (delta, or one per class [L]) on the held-out classes' verified rows.
 
   Verified rows only, so it is what a variant may be chosen on in transfer:
   those classes' verification labels were hidden from training and from the
   threshold, and no evaluation row or clean label enters it.
   """
   rows = np.isin(class_ids, held_out) & (verification >= 0)
-  return detection.average_per_class_error(class_ids[rows], verification[rows],
-                                           detection.decisions(scores[rows], delta))
+  return detection.average_per_class_error(
+      class_ids[rows], verification[rows],
+      detection.decisions(scores[rows], _at_classes(thresholds, class_ids[rows])))
 
 
 def variant_references(reference_sets, overrides, info, out):
@@ -268,11 +284,23 @@ def cleannet_settings(info, reference_sets, overrides=None):
   return training.with_overrides(model_config, config, overrides or {})
 
 
-def cleannet_scores(info, reference_sets, model_dir, features, class_ids, overrides=None):
-  """Trains CleanNet on `info` (resuming in `model_dir`) and scores every row."""
+def cleannet_run(info, reference_sets, model_dir, features, class_ids, overrides=None):
+  """Trains CleanNet on `info` (resuming in `model_dir`) and scores every row.
+
+  Returns (scores float64 [N], thresholds_of): thresholds_of maps a delta to
+  every class's threshold as the model moves it for classes without
+  verification labels (``detection.class_thresholds`` with its quartiles).
+  """
   model_config, config = cleannet_settings(info, reference_sets, overrides)
-  result = training.Trainer(model_config, reference_sets, info, model_dir, config).train()
-  return scoring.Scorer(result.model).score(features, class_ids).astype(np.float64)
+  model = training.Trainer(model_config, reference_sets, info, model_dir, config).train().model
+  scores = scoring.Scorer(model).score(features, class_ids).astype(np.float64)
+  quartiles, verified = model.score_quartiles.numpy(), model.verified_classes.numpy()
+  return scores, lambda delta: detection.class_thresholds(delta, quartiles, verified)
+
+
+def cleannet_scores(info, reference_sets, model_dir, features, class_ids, overrides=None):
+  """``cleannet_run``'s scores: with every class verified, its thresholds are delta."""
+  return cleannet_run(info, reference_sets, model_dir, features, class_ids, overrides)[0]
 
 
 def seeded_run(model_dir, repeat, overrides=None):
@@ -450,14 +478,16 @@ def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
           class_ids[evaluated], truth[evaluated],
           detection.decisions(full_scores["MLP"][evaluated],
                               full_results["MLP"]["delta"]))
-      scores = cleannet_scores(masked_info, reference_sets, transfer_model_dir(out, n, split),
-                               rows["features"], class_ids)
-      cleannet = threshold_and_error(scores, class_ids, masked, val, evaluated, truth)
+      scores, thresholds_of = cleannet_run(masked_info, reference_sets,
+                                           transfer_model_dir(out, n, split),
+                                           rows["features"], class_ids)
+      cleannet = threshold_and_error(scores, class_ids, masked, val, evaluated, truth,
+                                     thresholds_of=thresholds_of)
       errors["CleanNet"] = cleannet["error"]
       runs.append({"held_out": [info.class_names[c] for c in held_out], "errors": errors,
                    "cleannet_held_out_verified_error": held_out_verified_error(
                        scores, class_ids, rows["verification"], held_out,
-                       cleannet["delta"])})
+                       cleannet["thresholds"])})
     names = list(runs[0]["errors"])
     values = np.array([[run["errors"][name] for name in names] for run in runs])
     report[n] = {"splits": runs, "mean": dict(zip(names, values.mean(0).tolist())),
@@ -498,13 +528,13 @@ def ablation(rows, truth, reference_sets, info, out):
             rows, n, split, info, out)
         model_dir, run_overrides = seeded_run(transfer_model_dir(out, n, split, name),
                                               repeat, overrides)
-        scores = cleannet_scores(masked_info, variant_sets, model_dir, rows["features"],
-                                 class_ids, run_overrides)
+        scores, thresholds_of = cleannet_run(masked_info, variant_sets, model_dir,
+                                             rows["features"], class_ids, run_overrides)
         split_result = threshold_and_error(scores, class_ids, masked, split_val, evaluated,
-                                           truth, tie_band)
+                                           truth, tie_band, thresholds_of)
         result["transfer"].append(split_result["error"])
         result["held_out_verified"].append(held_out_verified_error(
-            scores, class_ids, verification, held_out, split_result["delta"]))
+            scores, class_ids, verification, held_out, split_result["thresholds"]))
     report[name or "defaults"] = result
   return report
 

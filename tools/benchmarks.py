@@ -124,7 +124,7 @@ flags.DEFINE_integer("transfer_splits", 3, "tools.benchmark_detection --transfer
 flags.DEFINE_list("ablations", [],
                   "tools.benchmark_detection --ablations (CleanNet variants, or 'all'); "
                   "empty: none.")
-flags.DEFINE_list("seeded_ablations", ["negative_weight_2.5", "dropout", "wider_embeddings"],
+flags.DEFINE_list("seeded_ablations", ["transfer_thresholds", "dropout", "wider_embeddings"],
                   "CleanNet variants (of --ablations' names) compared with the defaults over "
                   "--ablation_seeds seeds on each label column (job ablation-seeds-<label>): "
                   "those whose one-seed ablation rows are within run-to-run variation of the "

@@ -406,7 +406,7 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
   truth = (train.class_ids == clean_ids).astype(np.int64)
   all_rows = detection.detection_metrics(train.class_ids[scored], truth[scored],
                                          weights["score"][scored],
-                                         float(weights["delta"]))
+                                         weights["thresholds"][train.class_ids[scored]])
   detectors = {"CleanNet": weights}
   if "w_soft" in variants:
     detectors["CleanNet*"] = star_weights or cleannet_star(train, info, work, config)
@@ -414,9 +414,9 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
   unverified = (train.verification < 0) & np.logical_and.reduce(
       [found["scored"] for found in detectors.values()])
   unverified_error = {
-      name: detection.detection_metrics(train.class_ids[unverified], truth[unverified],
-                                        found["score"][unverified],
-                                        float(found["delta"]))["avg_class_error"]
+      name: detection.detection_metrics(
+          train.class_ids[unverified], truth[unverified], found["score"][unverified],
+          found["thresholds"][train.class_ids[unverified]])["avg_class_error"]
       for name, found in detectors.items()}
   results = {
       "top1": top1,

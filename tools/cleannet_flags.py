@@ -62,6 +62,10 @@ flags.DEFINE_float("threshold_tie_band", _TRAIN.threshold_tie_band,
                    "When some classes have no verified validation rows, delta is the "
                    "middle of the thresholds within this many standard deviations of the "
                    "lowest validation error (0: the exact minimum, the paper's).")
+flags.DEFINE_bool("transfer_thresholds", _TRAIN.transfer_thresholds,
+                  "Give each class without verification labels delta moved to the same "
+                  "place in its own score distribution, by its score quartiles (default: "
+                  "one delta for all, the paper's).")
 flags.DEFINE_float("val_fraction", _TRAIN.val_fraction,
                    "Share of verified rows held out for validation (without --val_features).")
 flags.DEFINE_integer("eval_every", _TRAIN.eval_every, "Validate every this many steps.")
@@ -121,6 +125,7 @@ def train_config():
       class_separation=FLAGS.class_separation,
       separation_classes=FLAGS.separation_classes,
       weight_averaging=FLAGS.weight_averaging, threshold_tie_band=FLAGS.threshold_tie_band,
+      transfer_thresholds=FLAGS.transfer_thresholds,
       val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed, split_seed=FLAGS.split_seed)

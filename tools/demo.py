@@ -84,9 +84,10 @@ def run_demo(work_dir, model_options, train_config, strategy=None):
   held_out = demo.verification < 0
   truth = (demo.noisy_labels == demo.clean_labels).astype(int)
   delta = float(result.model.delta.numpy())
+  thresholds = scoring.class_thresholds(result.model)
   report = evaluation.naive_and_cleannet_errors(
-      demo.noisy_labels[held_out], truth[held_out], scores[held_out], delta,
-      demo.verified_classes)
+      demo.noisy_labels[held_out], truth[held_out], scores[held_out],
+      thresholds[demo.noisy_labels[held_out]], demo.verified_classes)
   return {"delta": delta, "errors": report, "seconds": time.time() - started,
           "seed": seed, "best_step": int(result.best_step),
           "num_images": len(demo.keys), "num_classes": len(demo.class_names),

@@ -5,12 +5,14 @@
 
 Writes one TSV per input shard (key, class, verification, score, is_clean,
 w_soft, w_hard); a rerun skips finished shards. Where the feature set has
-verified rows, prints the detection metrics on them at the model's delta
-(optimistic if those rows were used for training).
+verified rows, prints the detection metrics on them at the model's
+thresholds (its delta, moved for classes without verification labels;
+``scoring.class_thresholds``), optimistic if those rows were used for training.
 """
 
 import json
 
+import numpy as np
 from absl import flags
 
 from tools import common
@@ -20,7 +22,8 @@ from cleannet_tf.errors import InputError
 flags.DEFINE_string("model", None, "A .keras file written by cleannet-train.")
 flags.DEFINE_string("features", None, "Feature set directory to score.")
 flags.DEFINE_string("output_dir", None, "Where the score TSVs go.")
-flags.DEFINE_float("delta", None, "Override the threshold stored in the model.")
+flags.DEFINE_float("delta", None, "Override the delta stored in the model (classes "
+                   "without verification labels still get it moved).")
 flags.DEFINE_integer("batch_size", 4096, "Rows per scoring batch.")
 flags.mark_flags_as_required(["model", "features", "output_dir"])
 FLAGS = flags.FLAGS
@@ -40,8 +43,10 @@ def main(_):
             "flagged_mislabeled": summary.flagged}
   verified = summary.verified_arrays()
   if len(verified["score"]):
+    thresholds = scoring.class_thresholds(model)
     report["verified_rows"] = detection.detection_metrics(
-        verified["class_id"], verified["verification"], verified["score"], delta)
+        verified["class_id"], verified["verification"], verified["score"],
+        thresholds[verified["class_id"].astype(np.int64)])
   print(json.dumps(report, indent=2, default=float))
 
 
