@@ -139,6 +139,7 @@ def test_demo_and_export_stages_write_their_sections_and_resume(tmp_path):
     (["--stages=demo,bogus"], "error: --stages: unknown stage 'bogus'"),
     (["--stages=features"], "error: --data:"),
     (["--stages=demo", "--demo_args=--seed=2"], "error: --demo_args: --seed is set by"),
+    (["--stages=demo", "--jobs=demo,nope"], "error: --jobs: no job 'nope' in this plan"),
     (["--stages=classification", "--data={data}", "--label_columns=aggre_label"],
      "error: --classification_label:"),
     (["--stages=demo", "--features_diagnostic=worse_label:clean_label"],
@@ -152,6 +153,14 @@ def test_bad_input_is_one_line(tmp_path, flags, expected):
   assert one_line_error(run_benchmarks(*flags, f"--out={tmp_path / 'out'}",
                                        f"--benchmarks_md={tmp_path / 'B.md'}")
                         ).startswith(expected)
+
+
+def test_jobs_runs_only_the_named_jobs_of_the_stages(tmp_path):
+  out = tmp_path / "out"
+  result = run_benchmarks("--stages=demo", "--jobs=demo-paper", f"--out={out}",
+                          f"--benchmarks_md={tmp_path / 'B.md'}", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (out / "demo-paper.json").exists() and not (out / "demo.json").exists()
 
 
 def test_failing_stage_names_its_log(tmp_path):

@@ -93,6 +93,9 @@ flags.DEFINE_string("benchmarks_md", "BENCHMARKS.md",
                     "Markdown file whose generated sections are rewritten.")
 flags.DEFINE_integer("seed", 0, "Seed of every stage.")
 flags.DEFINE_list("stages", list(STAGES), "Stages to run, of: " + ", ".join(STAGES) + ".")
+flags.DEFINE_list("jobs", [],
+                  "Only these jobs of --stages (names as in BENCHMARKS.md's cost table, e.g. "
+                  "ablation-seeds-aggre_label), to regenerate some sections; empty: all.")
 flags.DEFINE_list("label_columns", list(LABEL_COLUMNS),
                   "CIFAR-10N noisy label columns with a features and a detection job each.")
 flags.DEFINE_string("classification_label", "worse_label",
@@ -695,7 +698,12 @@ def main(_):
     elif record is not None:
       logging.warning("%s: made by another command; its section is not written",
                       _record_path(out, job))
-  selected = [job for job in jobs if job.stage in stages]
+  unknown = sorted(set(FLAGS.jobs) - set(by_name))
+  if unknown:
+    raise InputError(f"--jobs: no job {unknown[0]!r} in this plan; its jobs: "
+                     + ", ".join(by_name))
+  selected = [job for job in jobs
+              if job.stage in stages and (not FLAGS.jobs or job.name in FLAGS.jobs)]
   for job in selected:
     if job.name in records:
       print(f"{job.name}: finished earlier ({_record_path(out, job)}); skipped", flush=True)
