@@ -66,6 +66,13 @@ class TrainConfig:
   # verified negatives of another class (see _cross_class_negatives).
   cross_class_negatives: float = 0.5
   unverified_cross_class_negatives: float = 0.0
+  # Not in the paper: the class a cross-class negative is re-paired with is
+  # drawn among the `negative_neighbors` classes whose reference sets are
+  # nearest its own (``confusable_classes``); 0 draws among all other classes.
+  # Drawn uniformly, most negatives pair classes nobody confuses (with L
+  # classes, a confusable one comes up about once in L - 1 draws), while label
+  # noise comes mostly from a few similar classes.
+  negative_neighbors: int = 0
   # Not in the paper: weight of losses.class_separation_loss over up to
   # `separation_classes` classes a step (all classes when L is at most that).
   # Without it, on CIFAR-10N, four of the five classes whose verification
@@ -203,7 +210,8 @@ def _query_fields(rows):
           "verification": rows["verification"]}
 
 
-def _cross_class_negatives(num_classes, fraction, seed, source=losses.CORRECT):
+def _cross_class_negatives(num_classes, fraction, seed, source=losses.CORRECT,
+                           neighbors=None):
   """Turns some queries labelled `source` into negatives (l=0) of other classes.
 
   With source l=1: an image verified as correctly labelled c is, classes being
@@ -218,26 +226,37 @@ def _cross_class_negatives(num_classes, fraction, seed, source=losses.CORRECT):
   query encoder negatives from the whole noisy data set, in every class; the
   Eq. 8 pseudo-labels only ever pull queries toward their own class.
 
-  Stateless in (seed, batch position).
+  The other class is drawn uniformly among all other classes, or with
+  `neighbors` (int [L, n], ``confusable_classes``) among the n listed for the
+  query's class. Stateless in (seed, batch position).
   """
+  if neighbors is not None:
+    neighbors = tf.constant(neighbors, tf.int64)
 
   def convert(position, batch):
     size = tf.shape(batch["class_id"])[0]
     seeds = tf.stack([tf.cast(seed, tf.int64), position])
     coin = tf.random.stateless_uniform([size], seed=seeds)
-    shift = tf.random.stateless_uniform([size], seed=seeds + 1, minval=1,
-                                        maxval=num_classes, dtype=tf.int64)
+    if neighbors is None:
+      shift = tf.random.stateless_uniform([size], seed=seeds + 1, minval=1,
+                                          maxval=num_classes, dtype=tf.int64)
+      other = (batch["class_id"] + shift) % num_classes
+    else:
+      column = tf.random.stateless_uniform([size], seed=seeds + 1, minval=0,
+                                           maxval=tf.shape(neighbors, tf.int64)[1],
+                                           dtype=tf.int64)
+      other = tf.gather_nd(neighbors, tf.stack([batch["class_id"], column], axis=1))
     chosen = (coin < fraction) & (batch["verification"] == source)
     return {"features": batch["features"],
-            "class_id": tf.where(chosen, (batch["class_id"] + shift) % num_classes,
-                                 batch["class_id"]),
+            "class_id": tf.where(chosen, other, batch["class_id"]),
             "verification": tf.where(chosen, tf.cast(losses.MISLABELED, tf.int64),
                                      batch["verification"])}
 
   return convert
 
 
-def training_dataset(verified, unverified_info, config, num_verified, num_unverified):
+def training_dataset(verified, unverified_info, config, num_verified, num_unverified,
+                     negative_classes=None):
   """Global batches: ({verified queries},) or ({verified}, {unverified queries}).
 
   Args:
@@ -246,6 +265,8 @@ def training_dataset(verified, unverified_info, config, num_verified, num_unveri
     unverified_info: a ``data.FeatureSetInfo`` whose unverified rows are
       streamed, shuffled and drawn class-uniformly, or None.
     num_verified, num_unverified: queries of each kind per global batch.
+    negative_classes: int [L, n], the classes each class's cross-class
+      negatives are drawn among (``confusable_classes``); None: all others.
   """
   verified_ds = (tf.data.Dataset.from_tensor_slices(_query_fields(verified))
                  .shuffle(len(verified["class_id"]), seed=config.seed)
@@ -253,7 +274,8 @@ def training_dataset(verified, unverified_info, config, num_verified, num_unveri
                  .batch(num_verified, drop_remainder=True))
   if config.cross_class_negatives:
     verified_ds = verified_ds.enumerate().map(_cross_class_negatives(
-        unverified_info.num_classes, config.cross_class_negatives, config.seed + 3))
+        unverified_info.num_classes, config.cross_class_negatives, config.seed + 3,
+        neighbors=negative_classes))
   if not num_unverified:
     return verified_ds.map(lambda v: (v,)).prefetch(2)
   unverified_ds = (data.feature_dataset(unverified_info, verification="unverified")
@@ -268,7 +290,7 @@ def training_dataset(verified, unverified_info, config, num_verified, num_unveri
   if config.unverified_cross_class_negatives:
     unverified_ds = unverified_ds.enumerate().map(_cross_class_negatives(
         unverified_info.num_classes, config.unverified_cross_class_negatives,
-        config.seed + 4, source=losses.UNVERIFIED))
+        config.seed + 4, source=losses.UNVERIFIED, neighbors=negative_classes))
   return tf.data.Dataset.zip((verified_ds, unverified_ds)).prefetch(2)
 
 
@@ -354,26 +376,52 @@ def set_feature_statistics(model, info, batch_size=8192):
 COINCIDING_COSINE = 0.95
 
 
-def nearest_classes(class_embeddings, chunk_size=1024):
-  """Each class's most similar other class by embedding cosine.
+def nearest_classes(class_embeddings, count=1, chunk_size=1024):
+  """Each class's `count` most similar other classes by cosine, most similar first.
 
   Args:
-    class_embeddings: float [L, E], L >= 2.
+    class_embeddings: float [L, E] (embeddings or any per-class vectors), L > count.
 
   Returns:
-    (nearest int [L], cosine float [L]); memory O(chunk_size * L).
+    (nearest int [L, count], cosine float [L, count]); memory O(chunk_size * L).
   """
   embeddings = np.asarray(class_embeddings, np.float64)
   embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-  nearest = np.zeros(len(embeddings), np.int64)
-  cosine = np.zeros(len(embeddings))
+  nearest = np.zeros((len(embeddings), count), np.int64)
+  cosine = np.zeros((len(embeddings), count))
   for start in range(0, len(embeddings), chunk_size):
     block = embeddings[start:start + chunk_size] @ embeddings.T
     rows = np.arange(len(block))
     block[rows, start + rows] = -np.inf
-    nearest[start:start + len(block)] = block.argmax(axis=1)
-    cosine[start:start + len(block)] = block[rows, nearest[start:start + len(block)]]
+    top = np.argpartition(-block, count - 1, axis=1)[:, :count]
+    order = np.argsort(-np.take_along_axis(block, top, axis=1), axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    nearest[start:start + len(block)] = top
+    cosine[start:start + len(block)] = np.take_along_axis(block, top, axis=1)
   return nearest, cosine
+
+
+def confusable_classes(model, count, batch_size=256):
+  """int [L, count]: each class's `count` nearest classes by reference-set centroid.
+
+  The centroid is the mean of a class's references after the model's feature
+  normalisation (``CleanNet.normalize``), so it needs the feature statistics
+  set. References are cluster centres of a class's noisily labelled rows, so
+  classes that share many images (and label noise) have close centroids.
+  """
+  if not 0 < count < model.num_classes:
+    raise InputError(f"--negative_neighbors={count} must be between 1 and the "
+                     f"{model.num_classes} classes minus one")
+  centroids = []
+  for start in range(0, model.num_classes, batch_size):
+    classes = np.arange(start, min(start + batch_size, model.num_classes))
+    references = model.normalize(tf.gather(model.reference_features, classes))
+    counts = tf.gather(model.reference_counts, classes)
+    mask = tf.cast(tf.range(model.num_references)[None, :] < counts[:, None],
+                   references.dtype)[..., None]
+    centroids.append((tf.reduce_sum(references * mask, axis=1)
+                      / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)).numpy())
+  return nearest_classes(np.concatenate(centroids), count)[0]
 
 
 def class_separation_summary(class_embeddings, class_names):
@@ -387,7 +435,7 @@ def class_separation_summary(class_embeddings, class_names):
   """
   if len(class_names) < 2:
     return {}
-  nearest, cosine = nearest_classes(class_embeddings)
+  nearest, cosine = (column[:, 0] for column in nearest_classes(class_embeddings))
   closest = int(np.argmax(cosine))
   pair = [class_names[closest], class_names[int(nearest[closest])]]
   coinciding = int((cosine > COINCIDING_COSINE).sum())
@@ -413,6 +461,14 @@ def run_settings(model_config, config):
                                 default=lambda v: v.item() if hasattr(v, "item") else list(v)))
 
 
+def _default_settings():
+  """``run_settings`` of the ``CleanNet`` arguments' and ``TrainConfig``'s defaults."""
+  model_defaults = {name: parameter.default for name, parameter
+                    in inspect.signature(model_lib.CleanNet).parameters.items()
+                    if parameter.default is not inspect.Parameter.empty}
+  return run_settings(model_defaults, TrainConfig())
+
+
 def check_run_settings(model_dir, settings):
   """Records `settings` in <model_dir>/settings.json, or checks them against it.
 
@@ -425,9 +481,12 @@ def check_run_settings(model_dir, settings):
     return
   with open(path, encoding="utf-8") as stored_file:
     stored = json.load(stored_file)
+  # A setting added to the library after the run was written is absent from
+  # its file; the run trained as that setting's default does.
+  defaults = _default_settings()
   changed = [f"{name} {stored[part].get(name)!r} -> {value!r}"
              for part in ("model", "train") for name, value in settings[part].items()
-             if stored.get(part, {}).get(name) != value]
+             if stored.get(part, {}).get(name, defaults[part].get(name)) != value]
   changed += [f"{name} {value!r} -> unset" for part in ("model", "train")
               for name, value in stored.get(part, {}).items() if name not in settings[part]]
   if changed:
@@ -494,9 +553,6 @@ class Trainer:
       logging.warning("%s has no unverified rows: batches hold verified queries only",
                       train_info.directory)
       num_verified, num_unverified = config.global_batch_size, 0
-    self.dataset = training_dataset(self.train_rows, train_info, config, num_verified,
-                                    num_unverified)
-
     with self.strategy.scope():
       self.model = model_lib.CleanNet(**model_config)
       self.model.set_reference_sets(references)
@@ -518,6 +574,10 @@ class Trainer:
         self.averaged_model.set_weights(self.model.get_weights())
       self.best_error = tf.Variable(np.inf, dtype=tf.float64, trainable=False)
       self.best_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+    negative_classes = (confusable_classes(self.model, config.negative_neighbors)
+                        if config.negative_neighbors else None)
+    self.dataset = training_dataset(self.train_rows, train_info, config, num_verified,
+                                    num_unverified, negative_classes)
     self.iterator = iter(self.dataset)
     tracked = {"averaged_model": self.averaged_model} if self.averaged_model is not None else {}
     self.checkpoint = tf.train.Checkpoint(

@@ -302,6 +302,56 @@ def test_cross_class_negatives_repair_only_verified_correct_queries():
   np.testing.assert_array_equal(none["class_id"], batch["class_id"])
 
 
+def test_cross_class_negatives_drawn_among_the_listed_neighbors():
+  neighbors = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])
+  batch = {"features": tf.zeros([400, 2]),
+           "class_id": tf.constant(np.arange(400) % NUM_CLASSES, tf.int64),
+           "verification": tf.ones([400], tf.int64)}
+  convert = training._cross_class_negatives(NUM_CLASSES, 1.0, seed=0, neighbors=neighbors)
+  out = convert(tf.constant(0, tf.int64), batch)
+  for source in range(NUM_CLASSES):
+    drawn = out["class_id"].numpy()[batch["class_id"].numpy() == source]
+    # Only the listed classes, each of them drawn.
+    assert set(drawn) == set(neighbors[source]), (source, set(drawn))
+
+
+def test_confusable_classes_are_the_nearest_reference_centroids():
+  model = model_lib.CleanNet(**MODEL_CONFIG)
+  rng = np.random.default_rng(0)
+  # Classes 0 and 1 share a region, 2 and 3 another.
+  centres = np.array([[5.0] * 4 + [0.0] * 4, [4.5] * 4 + [0.0] * 4,
+                      [0.0] * 4 + [5.0] * 4, [0.0] * 4 + [4.0] * 4])
+  features = np.abs(centres[:, None, :] + rng.normal(scale=0.1, size=(NUM_CLASSES, 3, DIM)))
+  # Class 3 has one reference. Standardised, its zero padding rows would sit
+  # near classes 0 and 1 and pull its centroid there unless masked.
+  features[3, 1:] = 0.0
+  model.set_reference_sets(references.ReferenceSets(
+      features.astype(np.float32), np.array([3, 3, 3, 1])))
+  model.normalize.set_statistics(np.array([-10.0] * 4 + [0.0] * 4, np.float32),
+                                 np.ones(DIM, np.float32))
+  np.testing.assert_array_equal(training.confusable_classes(model, 1)[:, 0], [1, 0, 3, 2])
+  assert training.confusable_classes(model, 3).shape == (NUM_CLASSES, 3)
+  with pytest.raises(InputError, match="--negative_neighbors=4"):
+    training.confusable_classes(model, NUM_CLASSES)
+
+
+def test_trainer_draws_negatives_among_confusable_classes(feature_set, tmp_path):
+  trainer = training.Trainer(MODEL_CONFIG, reference_sets(feature_set), feature_set,
+                             str(tmp_path / "run"),
+                             config(negative_neighbors=1, cross_class_negatives=1.0))
+  nearest = training.confusable_classes(trainer.model, 1)[:, 0]
+  original = {row.tobytes(): c for row, c in zip(trainer.train_rows["features"],
+                                                 trainer.train_rows["class_id"])}
+  verified, _ = next(iter(trainer.dataset))
+  for row, class_id, label in zip(verified["features"].numpy(), verified["class_id"].numpy(),
+                                  verified["verification"].numpy()):
+    source = original[row.tobytes()]
+    # Every verified query is a negative; the correct ones moved to their
+    # class's nearest class, the mislabelled ones kept theirs.
+    assert label == 0 and class_id in (source, nearest[source])
+  assert trainer.train().best_step > 0
+
+
 def test_unverified_cross_class_negatives_repair_only_unverified_queries(tmp_path):
   info = make_feature_set(tmp_path / "fs", n=200, verified_share=0.2)
   rows = data.load_arrays(info, verification="verified")
@@ -368,12 +418,13 @@ def test_evaluate_widens_delta_ties_only_when_some_classes_have_no_validation_ro
 
 def test_nearest_classes_in_chunks_matches_the_full_cosine_matrix():
   embeddings = np.random.default_rng(0).normal(size=(7, 3))
-  nearest, cosine = training.nearest_classes(embeddings, chunk_size=3)
+  nearest, cosine = training.nearest_classes(embeddings, count=3, chunk_size=3)
   normed = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
   full = normed @ normed.T
   np.fill_diagonal(full, -np.inf)
-  np.testing.assert_array_equal(nearest, full.argmax(axis=1))
-  np.testing.assert_allclose(cosine, full.max(axis=1))
+  order = np.argsort(-full, axis=1)[:, :3]
+  np.testing.assert_array_equal(nearest, order)
+  np.testing.assert_allclose(cosine, np.take_along_axis(full, order, axis=1))
 
 
 def test_class_separation_summary_names_coinciding_classes(caplog):
@@ -397,6 +448,19 @@ def test_a_rerun_with_other_settings_is_a_one_line_error(feature_set, tmp_path):
                            config(steps=6, class_separation=0.5))
   with pytest.raises(InputError, match=r"other settings \(class_separation 3.0 -> 0.5\)"):
     other.train()
+
+
+def test_a_run_written_before_a_setting_existed_resumes_at_its_default(feature_set, tmp_path):
+  refs = reference_sets(feature_set)
+  training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path), config(steps=3)).train()
+  path = tmp_path / "settings.json"
+  stored = json.loads(path.read_text())
+  del stored["train"]["negative_neighbors"]
+  path.write_text(json.dumps(stored))
+  training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path), config(steps=6)).train()
+  with pytest.raises(InputError, match=r"other settings \(negative_neighbors None -> 2\)"):
+    training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path),
+                     config(steps=9, negative_neighbors=2)).train()
 
 
 def test_checkpoints_of_another_model_are_a_one_line_error(feature_set, tmp_path):

@@ -100,6 +100,11 @@ ABLATIONS = {
                             {"gamma": 0.1, "pseudo_label_margin": 0.1}),
     "unverified_negatives": ("plus unverified cross-class negatives",
                              {"unverified_cross_class_negatives": 0.25}),
+    "nearest_negatives_3": ("cross-class negatives drawn among the 3 nearest classes",
+                            {"negative_neighbors": 3}),
+    "nearest_unverified_negatives_3": (
+        "plus unverified cross-class negatives, both drawn among the 3 nearest classes",
+        {"negative_neighbors": 3, "unverified_cross_class_negatives": 0.25}),
     "negative_weight_2.5": ("omega 2.5 (release 5)", {"negative_weight": 2.5}),
     "dropout": ("dropout 0.2 in the reference MLP", {"dropout": 0.2}),
     "wider_embeddings": ("embeddings 256 wide, query hidden layer 512",

@@ -50,6 +50,9 @@ flags.DEFINE_float("cross_class_negatives", _TRAIN.cross_class_negatives,
 flags.DEFINE_float("unverified_cross_class_negatives", _TRAIN.unverified_cross_class_negatives,
                    "Share of unverified queries re-paired with another class's "
                    "reference set as negatives.")
+flags.DEFINE_integer("negative_neighbors", _TRAIN.negative_neighbors,
+                     "Draw the class of a cross-class negative among the n classes whose "
+                     "reference sets are nearest the query's class (0: among all).")
 flags.DEFINE_float("class_separation", _TRAIN.class_separation,
                    "Weight of the penalty on positive cosine between different classes' "
                    "embeddings (not in the paper; 0 turns it off).")
@@ -91,6 +94,8 @@ flags.register_validator("val_fraction", lambda v: 0.0 < v < 1.0,
                          "--val_fraction must be in (0, 1)")
 for _name in ("cross_class_negatives", "unverified_cross_class_negatives"):
   flags.register_validator(_name, lambda v: 0.0 <= v <= 1.0, f"--{_name} must be in [0, 1]")
+flags.register_validator("negative_neighbors", lambda v: v >= 0,
+                         "--negative_neighbors must be non-negative")
 flags.register_validator("class_separation", lambda v: v >= 0.0,
                          "--class_separation must be non-negative")
 flags.register_validator("threshold_tie_band", lambda v: v >= 0.0,
@@ -122,6 +127,7 @@ def train_config():
                               FLAGS.pseudo_label_margin),
       cross_class_negatives=FLAGS.cross_class_negatives,
       unverified_cross_class_negatives=FLAGS.unverified_cross_class_negatives,
+      negative_neighbors=FLAGS.negative_neighbors,
       class_separation=FLAGS.class_separation,
       separation_classes=FLAGS.separation_classes,
       weight_averaging=FLAGS.weight_averaging, threshold_tie_band=FLAGS.threshold_tie_band,
