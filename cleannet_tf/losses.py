@@ -37,6 +37,12 @@ class LossWeights:
   # Threshold of the pseudo-verification label (Eq. 8); None uses rho, as the
   # paper. -1 treats every unverified query as relevant to its class.
   pseudo_label_margin: float | None = -1.0
+  # Not in the paper: the lowest-scoring share of a batch's unverified queries
+  # gets pseudo-label 0 whatever the threshold above (0: none). Mislabelled
+  # queries score lowest, and pulling them toward their noisy class teaches
+  # the query encoder that their images belong there. None: the share of
+  # verified rows that are mislabelled, measured by the trainer.
+  pseudo_label_quantile: float | None = 0.0
 
 
 def supervised_cosine_loss(score, verification, margin=0.1, negative_weight=5.0):
@@ -62,9 +68,23 @@ def unsupervised_cosine_loss(score, margin=0.1):
   """Eq. 7-8: pseudo-verification; 1 - cos where cos >= rho, else 0. [B] -> [B].
 
   The pseudo label is a hard indicator, so no gradient flows through it.
+  `margin` is a scalar or a [B] tensor.
   """
   pseudo_label = ops.cast(ops.stop_gradient(score) >= margin, score.dtype)
   return pseudo_label * (1.0 - score)
+
+
+def batch_quantile(score, included, quantile):
+  """The `quantile` of `score` [B] over the queries where `included` [B] is 1.
+
+  The lower order statistic (no interpolation), so a query scoring below it
+  is in the lowest `quantile` share; +inf where no query is included.
+  """
+  score = ops.stop_gradient(score)
+  ordered = ops.sort(ops.where(included > 0, score, float("inf")))
+  count = ops.sum(ops.cast(included > 0, "int32"))
+  position = ops.cast(ops.floor(quantile * ops.cast(count, "float32")), "int32")
+  return ops.take(ordered, ops.minimum(position, ops.shape(score)[0] - 1))
 
 
 def total_loss(outputs, verification, weights=LossWeights()):
@@ -86,6 +106,9 @@ def total_loss(outputs, verification, weights=LossWeights()):
   unverified = ops.cast(ops.cast(verification, "int32") == UNVERIFIED, score.dtype)
   pseudo_label_margin = (weights.margin if weights.pseudo_label_margin is None
                          else weights.pseudo_label_margin)
+  if weights.pseudo_label_quantile:
+    pseudo_label_margin = ops.maximum(
+        pseudo_label_margin, batch_quantile(score, unverified, weights.pseudo_label_quantile))
   unsupervised = unverified * unsupervised_cosine_loss(score, pseudo_label_margin)
   return {
       "total": supervised + weights.beta * reconstruction + weights.gamma * unsupervised,

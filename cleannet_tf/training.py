@@ -547,6 +547,12 @@ class Trainer:
     if not len(self.val_rows["class_id"]) or not len(self.train_rows["class_id"]):
       raise InputError(f"{source}: too few verified rows to hold out validation rows; "
                        "add verification labels or pass --val_features")
+    self.loss_weights = config.loss
+    if config.loss.pseudo_label_quantile is None:
+      mislabelled = float(np.mean(self.train_rows["verification"] == losses.MISLABELED))
+      self.loss_weights = dataclasses.replace(config.loss, pseudo_label_quantile=mislabelled)
+      logging.info("Pseudo-label quantile: %.3f, the mislabelled share of the verified "
+                   "training rows", mislabelled)
     replicas = self.strategy.num_replicas_in_sync
     num_verified, num_unverified = config.batch_split(replicas)
     if num_unverified and not train_info.class_counts[:, 0].sum():
@@ -620,7 +626,7 @@ class Trainer:
         outputs = self.model(batch, training=True, class_embeddings=embeddings)
       else:
         outputs = self.model(batch, training=True)
-      per_query = losses.total_loss(outputs, batch["verification"], config.loss)
+      per_query = losses.total_loss(outputs, batch["verification"], self.loss_weights)
       loss = tf.nn.compute_average_loss(per_query["total"],
                                         global_batch_size=config.global_batch_size)
       decay = 0.5 * config.weight_decay * tf.add_n(

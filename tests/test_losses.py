@@ -33,6 +33,29 @@ def test_unsupervised_cosine_loss_uses_pseudo_labels():
                              [0.7, 0.9, 0.0, 0.0], atol=1e-6)
 
 
+def test_batch_quantile_counts_only_included_queries():
+  score = np.array([0.9, -0.2, 0.5, 0.1, 0.3, 0.7], np.float32)
+  included = np.array([1, 0, 1, 1, 1, 1], np.float32)
+  # Included scores sorted: 0.1, 0.3, 0.5, 0.7, 0.9.
+  assert float(losses.batch_quantile(score, included, 0.0)) == pytest.approx(0.1)
+  assert float(losses.batch_quantile(score, included, 0.4)) == pytest.approx(0.5)
+  assert float(losses.batch_quantile(score, np.zeros(6, np.float32), 0.4)) == np.inf
+
+
+def test_pseudo_label_quantile_leaves_the_lowest_unverified_queries_unpulled():
+  score = np.array([0.9, -0.2, 0.5, 0.1, 0.3, 0.7], np.float32)
+  verification = np.array([-1, 1, -1, -1, -1, -1])
+  outputs = {"score": score, "normalized_features": np.zeros([6, 2], np.float32),
+             "reconstruction": np.zeros([6, 2], np.float32)}
+  weights = losses.LossWeights(pseudo_label_quantile=0.4)
+  got = np.asarray(losses.total_loss(outputs, verification, weights)["unsupervised"])
+  # The two lowest of the five unverified (0.1, 0.3) get pseudo-label 0; the
+  # verified query is not an unverified one at all.
+  np.testing.assert_allclose(got, [0.1, 0.0, 0.5, 0.0, 0.0, 0.3], atol=1e-6)
+  every = losses.total_loss(outputs, verification, losses.LossWeights())["unsupervised"]
+  np.testing.assert_allclose(every, [0.1, 0.0, 0.5, 0.9, 0.7, 0.3], atol=1e-6)
+
+
 def test_total_loss_combines_with_beta_gamma_and_t():
   target = np.zeros([4, 2], np.float32)
   reconstruction = np.array([[1, 0], [0, 2], [1, 1], [0, 1]], np.float32)  # L_r: 1, 4, 2, 1

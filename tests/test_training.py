@@ -1,5 +1,6 @@
 """The training loop: strategies, resume, validation, the written model."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -349,6 +350,17 @@ def test_trainer_draws_negatives_among_confusable_classes(feature_set, tmp_path)
     # Every verified query is a negative; the correct ones moved to their
     # class's nearest class, the mislabelled ones kept theirs.
     assert label == 0 and class_id in (source, nearest[source])
+  assert trainer.train().best_step > 0
+
+
+def test_pseudo_label_quantile_unset_is_the_verified_rows_noise_rate(feature_set, tmp_path):
+  config_ = config(loss=dataclasses.replace(training.TrainConfig().loss,
+                                            pseudo_label_quantile=None))
+  trainer = training.Trainer(MODEL_CONFIG, reference_sets(feature_set), feature_set,
+                             str(tmp_path / "run"), config_)
+  rate = np.mean(trainer.train_rows["verification"] == 0)
+  assert 0.05 < rate < 0.5
+  assert trainer.loss_weights.pseudo_label_quantile == pytest.approx(rate)
   assert trainer.train().best_step > 0
 
 

@@ -100,6 +100,12 @@ ABLATIONS = {
                             {"gamma": 0.1, "pseudo_label_margin": 0.1}),
     "unverified_negatives": ("plus unverified cross-class negatives",
                              {"unverified_cross_class_negatives": 0.25}),
+    "pseudo_label_quantile_0.2": ("the lowest-scoring 20% of a batch's unverified queries "
+                                  "not pulled (Eq. 8 pseudo-label 0)",
+                                  {"pseudo_label_quantile": 0.2}),
+    "pseudo_label_noise_rate": ("the lowest-scoring share of a batch's unverified queries "
+                                "not pulled, the share = the verified rows' noise rate",
+                                {"pseudo_label_quantile": None}),
     "nearest_negatives_3": ("cross-class negatives drawn among the 3 nearest classes",
                             {"negative_neighbors": 3}),
     "nearest_unverified_negatives_3": (
