@@ -469,6 +469,17 @@ def _default_settings():
   return run_settings(model_defaults, TrainConfig())
 
 
+def _flat_settings(settings):
+  """{"model": {...}, "train": {..., "loss": {...}}} -> {name or "loss.name": value}."""
+  flat = dict(settings.get("model", {}))
+  for name, value in settings.get("train", {}).items():
+    if isinstance(value, dict):
+      flat.update({f"{name}.{inner}": inner_value for inner, inner_value in value.items()})
+    else:
+      flat[name] = value
+  return flat
+
+
 def check_run_settings(model_dir, settings):
   """Records `settings` in <model_dir>/settings.json, or checks them against it.
 
@@ -480,15 +491,15 @@ def check_run_settings(model_dir, settings):
     data.atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True))
     return
   with open(path, encoding="utf-8") as stored_file:
-    stored = json.load(stored_file)
+    stored = _flat_settings(json.load(stored_file))
+  settings = _flat_settings(settings)
   # A setting added to the library after the run was written is absent from
   # its file; the run trained as that setting's default does.
-  defaults = _default_settings()
-  changed = [f"{name} {stored[part].get(name)!r} -> {value!r}"
-             for part in ("model", "train") for name, value in settings[part].items()
-             if stored.get(part, {}).get(name, defaults[part].get(name)) != value]
-  changed += [f"{name} {value!r} -> unset" for part in ("model", "train")
-              for name, value in stored.get(part, {}).items() if name not in settings[part]]
+  defaults = _flat_settings(_default_settings())
+  changed = [f"{name} {stored.get(name)!r} -> {value!r}" for name, value in settings.items()
+             if stored.get(name, defaults.get(name)) != value]
+  changed += [f"{name} {value!r} -> unset" for name, value in stored.items()
+              if name not in settings]
   if changed:
     raise InputError(f"{model_dir} holds a run with other settings ({', '.join(changed[:3])}"
                      f"{', ...' if len(changed) > 3 else ''}); delete it or pass another "

@@ -467,7 +467,7 @@ def test_a_run_written_before_a_setting_existed_resumes_at_its_default(feature_s
   training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path), config(steps=3)).train()
   path = tmp_path / "settings.json"
   stored = json.loads(path.read_text())
-  del stored["train"]["negative_neighbors"]
+  del stored["train"]["negative_neighbors"], stored["train"]["loss"]["pseudo_label_quantile"]
   path.write_text(json.dumps(stored))
   training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path), config(steps=6)).train()
   with pytest.raises(InputError, match=r"other settings \(negative_neighbors None -> 2\)"):
