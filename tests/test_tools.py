@@ -44,6 +44,7 @@ def test_helpfull_documents_the_flags(module):
   result = run_tool(module, "--helpfull")  # absl prints the help, then exits 1
   assert "Traceback" not in result.stderr
   for flag in {"train_cleannet": ["--train_features", "--steps", "--negative_weight",
+                                  "--negative_neighbors", "--pseudo_label_quantile",
                                   "--strategy"],
                "score": ["--model", "--features", "--output_dir"],
                "convert_features": ["--tsv", "--class_names", "--rejects"],

@@ -44,6 +44,9 @@ flags.DEFINE_float("beta", _LOSS.beta, "Weight of the reconstruction loss (Eq. 9
 flags.DEFINE_float("gamma", _LOSS.gamma, "Weight of the unsupervised loss (Eq. 9).")
 flags.DEFINE_float("pseudo_label_margin", _LOSS.pseudo_label_margin,
                    "Pseudo-verification threshold of Eq. 8; unset: --margin, as the paper.")
+flags.DEFINE_float("pseudo_label_quantile", _LOSS.pseudo_label_quantile,
+                   "Share of a batch's unverified queries, the lowest-scoring, given "
+                   "pseudo-label 0 (not pulled toward their class); 0: none.")
 flags.DEFINE_float("cross_class_negatives", _TRAIN.cross_class_negatives,
                    "Share of verified-correct queries re-paired with another class's "
                    "reference set as verified negatives.")
@@ -94,6 +97,8 @@ flags.register_validator("val_fraction", lambda v: 0.0 < v < 1.0,
                          "--val_fraction must be in (0, 1)")
 for _name in ("cross_class_negatives", "unverified_cross_class_negatives"):
   flags.register_validator(_name, lambda v: 0.0 <= v <= 1.0, f"--{_name} must be in [0, 1]")
+flags.register_validator("pseudo_label_quantile", lambda v: 0.0 <= v < 1.0,
+                         "--pseudo_label_quantile must be in [0, 1)")
 flags.register_validator("negative_neighbors", lambda v: v >= 0,
                          "--negative_neighbors must be non-negative")
 flags.register_validator("class_separation", lambda v: v >= 0.0,
@@ -124,7 +129,7 @@ def train_config():
       momentum=FLAGS.momentum, lr_decay_steps=FLAGS.lr_decay_steps,
       lr_decay_rate=FLAGS.lr_decay_rate, weight_decay=FLAGS.weight_decay,
       loss=losses.LossWeights(FLAGS.margin, FLAGS.negative_weight, FLAGS.beta, FLAGS.gamma,
-                              FLAGS.pseudo_label_margin),
+                              FLAGS.pseudo_label_margin, FLAGS.pseudo_label_quantile),
       cross_class_negatives=FLAGS.cross_class_negatives,
       unverified_cross_class_negatives=FLAGS.unverified_cross_class_negatives,
       negative_neighbors=FLAGS.negative_neighbors,
