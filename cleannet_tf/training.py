@@ -71,7 +71,9 @@ class TrainConfig:
   # nearest its own (``confusable_classes``); 0 draws among all other classes.
   # Drawn uniformly, most negatives pair classes nobody confuses (with L
   # classes, a confusable one comes up about once in L - 1 draws), while label
-  # noise comes mostly from a few similar classes.
+  # noise comes mostly from a few similar classes. Off: on CIFAR-10N
+  # worse_label, 3 neighbours raised the error on the verified rows of classes
+  # without verification labels from 22.7% to 24.3% (README, "Where it stands").
   negative_neighbors: int = 0
   # Not in the paper: weight of losses.class_separation_loss over up to
   # `separation_classes` classes a step (all classes when L is at most that).
