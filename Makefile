@@ -20,8 +20,12 @@ $(VENV)/.installed: setup.py
 demo: install
 	$(PY) -m tools.demo
 
+# Two test processes keep both cores busy: much of a test is single-threaded
+# (tracing, subprocess start-up); the slow tests go first (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # The `benchmark` extra: cleanlab (a detection baseline) and matplotlib (figures).
 $(VENV)/.benchmark-installed: $(VENV)/.installed

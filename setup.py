@@ -27,7 +27,8 @@ setup(
         "tensorflow-serving-api>=2.16,<2.22",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # pytest-xdist: `make test` runs the tests in two processes.
+        "test": ["pytest>=7", "pytest-xdist>=3.2"],
         # Only the benchmarks use these (cleanlab: a detection baseline;
         # matplotlib: BENCHMARKS.md's figures); without them they are skipped.
         "benchmark": ["cleanlab>=2.6,<3", "matplotlib>=3.7,<4"],

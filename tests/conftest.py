@@ -26,3 +26,9 @@ def two_cpu_strategy():
   the collective instance"), so tests share this one.
   """
   return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def pytest_collection_modifyitems(items):
+  """Slow tests first: with `make test`'s two processes, one started last would
+  keep one process busy long after the other has finished."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -86,6 +86,7 @@ def test_frozen_backbone_trains_the_head_only(tmp_path, source):
                             tuned.model.get_layer("logits").kernel.numpy())
 
 
+@pytest.mark.slow
 def test_rounds_run_and_a_rerun_resumes_at_the_first_unfinished_step(tmp_path, source):
   out = str(tmp_path / "alt")
   first = alternating.AlternatingTrainer(source, source, out, _config())

@@ -362,6 +362,7 @@ def test_cleannet_runs_are_the_runs_the_tables_train_but_the_timed_one(
       split["errors"]["CleanNet"] for split in report[2]["splits"]]
 
 
+@pytest.mark.slow
 def test_train_in_processes_trains_each_run_once_and_raises_failures(tmp_path):
   rows, _, info = _benchmark_rows(tmp_path)
   reference_sets = references.build_kmeans_references(rows["features"], rows["class_id"],

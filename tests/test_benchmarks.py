@@ -16,7 +16,7 @@ from tools import markdown_sections
 TINY = ["--demo_args=--steps=10 --eval_every=10",
         "--export_args=--feature_dim=8 --num_classes=3 --batch_sizes=1,4 --seconds=0.02 "
         "--repeats=1"]
-TINY_CIFAR = ["--label_columns=worse_label", "--step1_epochs=2", "--cleannet_steps=10",
+TINY_CIFAR = ["--label_columns=worse_label", "--step1_epochs=2", "--cleannet_steps=4",
               "--finetune_steps=2",
               "--features_args=--batch_size=8 --num_references=2 --extract_batch_size=16 "
               "--verified_per_class=4",
@@ -90,6 +90,7 @@ def test_update_file_creates_then_replaces(tmp_path):
   assert os.listdir(tmp_path) == ["B.md"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_demo_and_export_stages_write_their_sections_and_resume(tmp_path):
   md, out = tmp_path / "BENCHMARKS.md", tmp_path / "out"
   md.write_text(OUTSIDE + "\n<!-- export:begin -->\nstale\n<!-- export:end -->\n\nEnd.\n",
@@ -155,6 +156,7 @@ def test_bad_input_is_one_line(tmp_path, flags, expected):
                         ).startswith(expected)
 
 
+@pytest.mark.slow
 def test_jobs_runs_only_the_named_jobs_of_the_stages(tmp_path):
   out = tmp_path / "out"
   result = run_benchmarks("--stages=demo", "--jobs=demo-paper", f"--out={out}",
@@ -197,6 +199,7 @@ def write_fake_cifar10n(folder, n_train=36, n_test=12, seed=0):
     (folder / f"{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   data, md, out = tmp_path / "cifar10n", tmp_path / "BENCHMARKS.md", tmp_path / "out"
   write_fake_cifar10n(data)
@@ -253,7 +256,7 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   work = out / "features-worse_label" / "classification-scratch"
   trained_before = (work / "finetune-w_soft" / "summary.json").stat().st_mtime_ns
   round2 = [sys.executable, "-m", "tools.cifar10n_classification", f"--data={data}",
-            f"--out={out / 'features-worse_label'}", "--from_scratch", "--cleannet_steps=10",
+            f"--out={out / 'features-worse_label'}", "--from_scratch", "--cleannet_steps=4",
             "--finetune_batch_size=8"]
   result = subprocess.run([*round2, "--variants=none,w_soft,w_hard_star,w_soft_star,clean"],
                           capture_output=True, text=True, timeout=600)
@@ -280,6 +283,7 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   assert "needs features-worse_label" in error
 
 
+@pytest.mark.slow
 def test_features_diagnostic_reuses_the_other_columns_step1(tmp_path):
   data, md, out = tmp_path / "cifar10n", tmp_path / "BENCHMARKS.md", tmp_path / "out"
   write_fake_cifar10n(data)

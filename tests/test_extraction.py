@@ -114,6 +114,7 @@ def test_killed_extraction_resumes_without_redoing_finished_parts(tmp_path, mani
     np.testing.assert_array_equal(got[name], expected[name])
 
 
+@pytest.mark.slow
 def test_extract_tool_runs_parts_then_merges(tmp_path, manifest):
   path = str(tmp_path / "fx.keras")
   tiny_extractor().save(path)

@@ -52,19 +52,14 @@ def test_helpfull_documents_the_flags(module):
     assert flag in result.stdout
 
 
-@pytest.mark.parametrize("line,expected", [
-    ("img9\tcat\t1\t1,2,3\n", "bad.tsv:2: feature width 3, expected 4"),
-    ("img9\tcow\t1\t1,2,3,4\n", "bad.tsv:2: unknown class name 'cow'"),
-    ("img9\tcat\t1\t1,nan,3,4\n", "bad.tsv:2:"),
-    ("img9\tcat\t2\t1,2,3,4\n", "bad.tsv:2:"),
-])
-def test_convert_names_file_and_line_of_bad_input(tmp_path, line, expected):
+def test_convert_names_file_and_line_of_bad_input(tmp_path):
+  # Every kind of bad line is test_data's; here, that the tool prints it as one line.
   (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-  (tmp_path / "bad.tsv").write_text("img0\tcat\t1\t1,2,3,4\n" + line)
+  (tmp_path / "bad.tsv").write_text("img0\tcat\t1\t1,2,3,4\nimg9\tcow\t1\t1,2,3,4\n")
   result = run_tool("convert_features", f"--tsv={tmp_path / 'bad.tsv'}",
                     f"--class_names={tmp_path / 'classes.txt'}",
                     f"--output_dir={tmp_path / 'out'}")
-  assert expected in one_line_error(result)
+  assert one_line_error(result) == f"error: {tmp_path / 'bad.tsv'}:2: unknown class name 'cow'"
 
 
 def test_convert_of_an_empty_file_is_a_one_line_error(tmp_path):
@@ -92,6 +87,7 @@ def test_bad_flag_is_a_short_error(tmp_path):
   assert "--batch_size must be positive" in result.stderr
 
 
+@pytest.mark.slow
 def test_convert_train_score_end_to_end(tmp_path):
   (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
   write_tsv(tmp_path / "train.tsv")
@@ -118,6 +114,7 @@ def test_convert_train_score_end_to_end(tmp_path):
   assert report["rows"] == 60 and "verified_rows" in report
 
 
+@pytest.mark.slow
 def test_benchmark_training_times_the_loop_against_one_call_a_step(tmp_path):
   (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
   write_tsv(tmp_path / "train.tsv")

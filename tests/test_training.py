@@ -99,6 +99,7 @@ def test_next_stop_is_the_first_log_eval_checkpoint_or_last_step():
 # Looping steps inside one call changes nothing but the speed: with and
 # without XLA, and across replicas.
 @pytest.mark.parametrize("variant", ["xla", "no_xla", "mirrored"])
+@pytest.mark.slow
 def test_looped_steps_match_one_call_a_step(feature_set, tmp_path, two_cpu_strategy, variant):
   refs = reference_sets(feature_set)
   settings = config(class_separation=1.0, separation_classes=2)
@@ -142,6 +143,7 @@ def test_xla_compiles_the_same_loss_and_only_without_a_strategy_or_dropout(
 
 @pytest.mark.parametrize("overrides", [{"optimizer": "sgd"}, {"optimizer": "adam"},
                                        {"weight_averaging": 0.0}])
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(feature_set, tmp_path, overrides):
   refs = reference_sets(feature_set)
 
@@ -449,6 +451,7 @@ def test_class_separation_summary_names_coinciding_classes(caplog):
   assert apart["coinciding_classes"] == 0 and apart["closest_cosine"] == 0.0
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_settings_is_a_one_line_error(feature_set, tmp_path):
   refs = reference_sets(feature_set)
   training.Trainer(MODEL_CONFIG, refs, feature_set, str(tmp_path), config(steps=3)).train()
