@@ -121,6 +121,9 @@ ABLATIONS = {
                            {"learning_rate": 3e-4}),
     "unverified_fraction_0.25": ("a quarter of each batch unverified (the paper: half)",
                                  {"unverified_fraction": 0.25}),
+    "longer_averaging": ("6000 steps (lr decay at 4000) and weight averaging decay 0.999 "
+                         "(default 3000, 2000, 0.998)",
+                         {"steps": 6000, "lr_decay_steps": 4000, "weight_averaging": 0.999}),
     "weight_decay_1e-3": ("L2 weight decay 1e-3 (release 1e-4)", {"weight_decay": 1e-3}),
     # K-means sets with another K, built by ``variant_references``.
     "references_20": ("K=20 references per class (default 50)", {"num_references": 20}),
