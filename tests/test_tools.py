@@ -116,11 +116,8 @@ def test_convert_train_score_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_training_times_the_loop_against_one_call_a_step(tmp_path):
-  (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
   write_tsv(tmp_path / "train.tsv")
-  assert run_tool("convert_features", f"--tsv={tmp_path / 'train.tsv'}",
-                  f"--class_names={tmp_path / 'classes.txt'}",
-                  f"--output_dir={tmp_path / 'feats'}").returncode == 0
+  data.convert_tsv([tmp_path / "train.tsv"], CLASSES, tmp_path / "feats")
   result = run_tool("benchmark_training", f"--train_features={tmp_path / 'feats'}",
                     f"--work_dir={tmp_path / 'work'}", "--num_references=4",
                     "--batch_size=8", "--timed_steps=6", "--steps_per_call=3", "--rounds=1")
