@@ -293,8 +293,8 @@ def _class_references(rows, k, method, seed, rng, max_iter, n_init):
 
 
 def build_references_streamed(info, k=50, method="kmeans", seed=0, max_iter=50,
-                              n_init=3, work_dir=None,
-                              batch_size=8192) -> ReferenceSets:
+                              n_init=3, work_dir=None, batch_size=8192,
+                              keep=None) -> ReferenceSets:
   """Reference sets of a feature set too large for memory, one class at a time.
 
   One streaming pass spills each class's rows, in row order, into its own
@@ -312,6 +312,9 @@ def build_references_streamed(info, k=50, method="kmeans", seed=0, max_iter=50,
     max_iter, n_init: K-means settings, as in ``build_kmeans_references``.
     work_dir: where the temporary spill folder goes (default: system temp).
     batch_size: rows per streamed batch.
+    keep: optional fn(batch) -> bool [B] over a batch of ``data.feature_dataset``
+      rows (NumPy arrays "features" [B, D], "class_id" [B], ...): only the rows
+      it keeps are reduced (``training.refined_reference_sets``); default all.
 
   Returns:
     ReferenceSets with features float32 [L, k, D] and counts int32 [L].
@@ -322,6 +325,7 @@ def build_references_streamed(info, k=50, method="kmeans", seed=0, max_iter=50,
     raise InputError(f"build_references_streamed: k must be >= 1, got {k}")
   num_classes, dim = info.num_classes, info.dim
   class_rows = info.class_counts.sum(axis=1)
+  spilled = np.zeros(num_classes, np.int64)
   out = np.zeros((num_classes, k, dim), np.float32)
   counts = np.zeros(num_classes, np.int32)
   seeds = _class_seeds(seed, num_classes)
@@ -329,21 +333,25 @@ def build_references_streamed(info, k=50, method="kmeans", seed=0, max_iter=50,
   with tempfile.TemporaryDirectory(prefix="references-", dir=work_dir) as spill:
     paths = [os.path.join(spill, f"class-{c:06d}.f32") for c in range(num_classes)]
     for batch in data.feature_dataset(info).batch(batch_size).as_numpy_iterator():
-      ids = batch["class_id"]
+      features, ids = batch["features"], batch["class_id"]
+      if keep is not None:
+        kept = np.asarray(keep(batch), bool)
+        features, ids = features[kept], ids[kept]
       # Stable: each class's rows keep their input order within the batch.
       order = np.argsort(ids, kind="stable")
       present, starts = np.unique(ids[order], return_index=True)
-      for c, rows in zip(present, np.split(batch["features"][order], starts[1:])):
+      for c, rows in zip(present, np.split(features[order], starts[1:])):
         with open(paths[c], "ab") as f:
           rows.astype(np.float32, copy=False).tofile(f)
+        spilled[c] += len(rows)
     for c in range(num_classes):
-      if not class_rows[c]:
+      if keep is None and spilled[c] != class_rows[c]:
+        raise InputError(f"{info.directory}: class {c} has {spilled[c]} rows, "
+                         f"metadata says {class_rows[c]}")
+      if not spilled[c]:
         continue
       rows = np.fromfile(paths[c], dtype=np.float32).reshape(-1, dim)
       os.remove(paths[c])  # keep the spill shrinking as classes are done
-      if len(rows) != class_rows[c]:
-        raise InputError(f"{info.directory}: class {c} has {len(rows)} rows, "
-                         f"metadata says {class_rows[c]}")
       if not np.all(np.isfinite(rows)):
         raise InputError(f"{info.directory}: class {c}'s features contain NaN "
                          "or Inf")

@@ -136,8 +136,10 @@ def test_extract_tool_runs_parts_then_merges(tmp_path, manifest):
   assert references.ReferenceSets.load(tmp_path / "refs.npz").k == 4
 
 
-@pytest.mark.parametrize("method", ["kmeans", "random"])
-def test_streamed_references_equal_in_memory_ones(tmp_path, method):
+# With a keep filter: the in-memory builder on the kept rows only.
+@pytest.mark.parametrize("method,filtered", [("kmeans", False), ("random", False),
+                                             ("kmeans", True)])
+def test_streamed_references_equal_in_memory_ones(tmp_path, method, filtered):
   rng = np.random.default_rng(0)
   n, dim = 200, 6
   class_ids = np.minimum(rng.geometric(0.3, n) - 1, 4)  # class 4 small, skewed
@@ -146,11 +148,13 @@ def test_streamed_references_equal_in_memory_ones(tmp_path, method):
   info = data.write_features(str(tmp_path / "f"), [f"k{i}" for i in range(n)],
                              features, class_ids, np.full(n, -1),
                              [f"c{c}" for c in range(5)], rows_per_shard=50)
+  keep = (lambda batch: batch["features"][:, 0] > 0) if filtered else None
   streamed = references.build_references_streamed(info, k=8, method=method, seed=3,
-                                                  batch_size=32)
+                                                  batch_size=32, keep=keep)
   build = {"kmeans": references.build_kmeans_references,
            "random": references.build_random_references}[method]
-  in_memory = build(features, class_ids, 5, k=8, seed=3)
+  kept = features[:, 0] > 0 if filtered else np.ones(n, bool)
+  in_memory = build(features[kept], class_ids[kept], 5, k=8, seed=3)
   np.testing.assert_array_equal(streamed.counts, in_memory.counts)
   assert streamed.counts[3] == 0
   np.testing.assert_allclose(streamed.features, in_memory.features, rtol=1e-5, atol=1e-6)

@@ -216,6 +216,39 @@ def test_training_writes_a_keras_model_that_scores_alike_in_a_fresh_process(
   assert float(out.stdout.split()[1]) == pytest.approx(result.best_metrics["delta"], abs=1e-6)
 
 
+def test_reference_refinement_trains_again_on_the_rows_scoring_above_delta(
+    feature_set, tmp_path):
+  from cleannet_tf import scoring
+  original = reference_sets(feature_set)
+  result = training.Trainer(MODEL_CONFIG, original, feature_set, str(tmp_path),
+                            config(reference_refinement=1)).train()
+  with open(tmp_path / "summary.json", encoding="utf-8") as summary:
+    (refinement,) = json.load(summary)["reference_refinement"]
+  # The first round is the run without refinement, in its own directory.
+  first = keras.models.load_model(tmp_path / "unrefined" / "model.keras")
+  alone = training.Trainer(MODEL_CONFIG, original, feature_set, str(tmp_path / "alone"),
+                           config()).train().model
+  for got, wanted in zip(weights_of(first), weights_of(alone)):
+    np.testing.assert_allclose(got, wanted, rtol=1e-6)
+  assert refinement["delta"] == pytest.approx(float(first.delta.numpy()))
+  # Its rows at or above delta, K-means per class; a class keeping fewer than K
+  # rows keeps its set.
+  rows = data.load_arrays(feature_set, verification="all")
+  above = scoring.Scorer(first).score(rows["features"], rows["class_id"]) >= refinement["delta"]
+  kept = np.bincount(rows["class_id"][above], minlength=NUM_CLASSES)
+  assert list(refinement["rows_kept"].values()) == kept.tolist()
+  assert 0 < above.sum() < len(above)
+  expected = references.build_kmeans_references(rows["features"][above],
+                                                rows["class_id"][above], NUM_CLASSES, k=3)
+  for model in (result.model, keras.models.load_model(tmp_path / "model.keras")):
+    for c in range(NUM_CLASSES):
+      wanted = expected.features[c] if kept[c] >= 3 else original.features[c]
+      np.testing.assert_allclose(model.reference_features.numpy()[c], wanted, rtol=1e-5,
+                                 atol=1e-5)
+  # The second round trained from the same initial weights on other references.
+  assert not np.allclose(weights_of(result.model)[0], weights_of(first)[0])
+
+
 @pytest.mark.parametrize("transfer_thresholds", [True, False])
 def test_classes_without_verification_labels_get_thresholds_moved_by_their_quartiles(
     tmp_path, transfer_thresholds):

@@ -130,6 +130,9 @@ ABLATIONS = {
     "references_100": ("K=100 references per class (default 50)", {"num_references": 100}),
     "exact_threshold_ties": ("delta at the exact validation minimum in transfer too "
                              "(no tie band)", {"threshold_tie_band": 0.0}),
+    "refined_references": ("trained again on reference sets rebuilt from the rows the "
+                           "first model scores >= delta (training.refined_reference_sets)",
+                           {"reference_refinement": 1}),
     "transfer_thresholds": ("delta moved by each unverified class's score quartiles "
                             "(detection.class_thresholds)", {"transfer_thresholds": True}),
 }

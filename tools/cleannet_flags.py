@@ -72,6 +72,10 @@ flags.DEFINE_bool("transfer_thresholds", _TRAIN.transfer_thresholds,
                   "Give each class without verification labels delta moved to the same "
                   "place in its own score distribution, by its score quartiles (default: "
                   "one delta for all, the paper's).")
+flags.DEFINE_integer("reference_refinement", _TRAIN.reference_refinement,
+                     "Rounds, after training, of rebuilding each class's reference set "
+                     "from the rows the model scores >= delta against it (0: none, the "
+                     "paper's).")
 flags.DEFINE_float("val_fraction", _TRAIN.val_fraction,
                    "Share of verified rows held out for validation (without --val_features).")
 flags.DEFINE_integer("eval_every", _TRAIN.eval_every, "Validate every this many steps.")
@@ -107,6 +111,8 @@ flags.register_validator("threshold_tie_band", lambda v: v >= 0.0,
                          "--threshold_tie_band must be >= 0")
 flags.register_validator("weight_averaging", lambda v: 0.0 <= v < 1.0,
                          "--weight_averaging must be in [0, 1)")
+flags.register_validator("reference_refinement", lambda v: v >= 0,
+                         "--reference_refinement must be non-negative")
 flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
 
 
@@ -137,6 +143,7 @@ def train_config():
       separation_classes=FLAGS.separation_classes,
       weight_averaging=FLAGS.weight_averaging, threshold_tie_band=FLAGS.threshold_tie_band,
       transfer_thresholds=FLAGS.transfer_thresholds,
+      reference_refinement=FLAGS.reference_refinement,
       val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed, split_seed=FLAGS.split_seed)
