@@ -117,9 +117,10 @@ class TrainConfig:
   # the previous round's model scores at or above its delta
   # (``refined_reference_sets``; Trainer.train). Sec. 3.1 clusters every
   # image of a class, so with 40% noise (CIFAR-10N worse_label) a class's
-  # references include clusters of other classes' images. One round changed
-  # the verified rows' errors of worse_label by about 0.2 points, within the
-  # spread between seeds (README, "Where it stands").
+  # references include clusters of other classes' images. One round lowered
+  # the verified rows' errors on worse_label and raised them on aggre_label
+  # (9% noise), where the sets lose correct but atypical images (README,
+  # "Where it stands"); twice the training time.
   reference_refinement: int = 0
   loss: losses.LossWeights = losses.LossWeights()
   val_fraction: float = 0.2
