@@ -112,10 +112,11 @@ class TrainConfig:
   # from 3.7% to 8.8%: there the quartiles track each class's noise rate, not
   # where its scores sit (README, "Where it stands").
   transfer_thresholds: bool = False
-  # Not in the paper, and off: CleanNet is first trained this many times
-  # before, each round from scratch on reference sets rebuilt from the rows
-  # the previous round's model scores at or above its delta
-  # (``refined_reference_sets``; Trainer.train). Sec. 3.1 clusters every
+  # Not in the paper, and off: rounds of cleaner reference sets. A round
+  # trains CleanNet and rebuilds each class's K-means set from the rows that
+  # model scores at or above its delta (``refined_reference_sets``); the next
+  # round, after the last the run itself, trains from scratch on those sets
+  # (``Trainer.train``). Sec. 3.1 clusters every
   # image of a class, so with 40% noise (CIFAR-10N worse_label) a class's
   # references include clusters of other classes' images. One round lowered
   # the verified rows' errors on worse_label and raised them on aggre_label
