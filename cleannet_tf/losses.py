@@ -44,7 +44,7 @@ class LossWeights:
   # verified rows that are mislabelled, measured by the trainer. Off: on
   # CIFAR-10N a share of 0.2 helped the classes without verification labels
   # a little on worse_label and hurt them on aggre_label, and the noise-rate
-  # share was level on both (README, "Where it stands").
+  # share was level on both (docs/experiments/README.md).
   pseudo_label_quantile: float | None = 0.0
 
 

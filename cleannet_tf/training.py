@@ -74,7 +74,7 @@ class TrainConfig:
   # classes, a confusable one comes up about once in L - 1 draws), while label
   # noise comes mostly from a few similar classes. Off: on CIFAR-10N
   # worse_label, 3 neighbours raised the error on the verified rows of classes
-  # without verification labels from 22.7% to 24.3% (README, "Where it stands").
+  # without verification labels from 22.7% to 24.3% (docs/experiments/README.md).
   negative_neighbors: int = 0
   # Not in the paper: weight of losses.class_separation_loss over up to
   # `separation_classes` classes a step (all classes when L is at most that).
@@ -110,7 +110,7 @@ class TrainConfig:
   # classes' verified-row error on both label sets, but on the digits demo,
   # whose scores are well separated, it raised the unverified classes' error
   # from 3.7% to 8.8%: there the quartiles track each class's noise rate, not
-  # where its scores sit (README, "Where it stands").
+  # where its scores sit (docs/experiments/README.md).
   transfer_thresholds: bool = False
   # Not in the paper, and off: rounds of cleaner reference sets. A round
   # trains CleanNet and rebuilds each class's K-means set from the rows that
@@ -120,8 +120,8 @@ class TrainConfig:
   # image of a class, so with 40% noise (CIFAR-10N worse_label) a class's
   # references include clusters of other classes' images. One round lowered
   # the verified rows' errors on worse_label and raised them on aggre_label
-  # (9% noise), where the sets lose correct but atypical images (README,
-  # "Where it stands"); twice the training time.
+  # (9% noise), where the sets lose correct but atypical images
+  # (docs/experiments/README.md); twice the training time.
   reference_refinement: int = 0
   loss: losses.LossWeights = losses.LossWeights()
   val_fraction: float = 0.2
