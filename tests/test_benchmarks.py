@@ -246,8 +246,7 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   if result["top1"]["clean"] != result["top1"]["none"]:
     assert "that each weighting recovers: w_hard (Eq. 13) " in scratch
     assert set(result["gap_recovered"]) == {"w_hard", "w_soft", "w_soft_balanced",
-                                            "w_hard_loss", "w_soft_loss",
-                                            "w_soft_balanced_loss"}
+                                            "w_soft_loss"}
   cost = markdown_sections.extract_section(text, "cost")
   assert "| features-worse_label |" in cost and "| classification |" in cost
   assert "| classification-scratch |" in cost
@@ -284,7 +283,8 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
 
 
 @pytest.mark.slow
-def test_features_diagnostic_reuses_the_other_columns_step1(tmp_path):
+def test_label_columns_share_step1_and_the_clean_variant(tmp_path):
+  """The diagnostic reuses another column's step 1; the classification check its clean run."""
   data, md, out = tmp_path / "cifar10n", tmp_path / "BENCHMARKS.md", tmp_path / "out"
   write_fake_cifar10n(data)
   tiny = [flag for flag in TINY_CIFAR if not flag.startswith("--label_columns=")]
@@ -312,6 +312,56 @@ def test_features_diagnostic_reuses_the_other_columns_step1(tmp_path):
   assert manifests[2] == manifests[0] != manifests[1]
   features = [np.load(out / name / "references.npz")["features"] for name in names]
   assert not np.allclose(features[2], features[0])
+  # The check on aggre_label copies worse_label's from-scratch clean run (same
+  # recipe, same images, same clean labels) instead of training it again.
+  result = run_benchmarks("--stages=classification",
+                          "--jobs=classification-scratch,classification-scratch-aggre_label",
+                          f"--data={data}", f"--out={out}", f"--benchmarks_md={md}", *tiny)
+  assert result.returncode == 0, result.stderr[-3000:]
+  check = json.loads((out / "classification-scratch-aggre_label.json")
+                     .read_text(encoding="utf-8"))
+  assert f"--clean_from={out / 'features-worse_label'}" in check["command"]
+  trained = out / "features-worse_label" / "classification-scratch" / "finetune-clean"
+  copied = json.loads((out / "features-aggre_label" / "classification-scratch"
+                       / "finetune-clean" / "summary.json").read_text(encoding="utf-8"))
+  assert copied["reused_from"] == str(trained)
+  top1 = [json.loads((out / f"features-{label}" / "classification-scratch" / "results.json")
+                     .read_text(encoding="utf-8"))["top1"]
+          for label in ("worse_label", "aggre_label")]
+  assert top1[1]["clean"] == top1[0]["clean"]
+  assert set(top1[1]) == {"none", "w_hard", "w_soft", "w_soft_loss", "clean"}
+  # A clean run that is not this run's training is refused, by name.
+  diagnostic = out / "features-worse_label-step1_aggre_label"
+  classify = [sys.executable, "-m", "tools.cifar10n_classification", f"--data={data}",
+              f"--out={diagnostic}", "--cleannet_steps=4", "--finetune_batch_size=8",
+              "--variants=none,clean"]
+  fake = tmp_path / "fake"
+  (fake / "classification-scratch" / "finetune-clean").mkdir(parents=True)
+  summary = json.loads((trained / "summary.json").read_text(encoding="utf-8"))
+  for clean_from, recipe, rows, expected in [
+      (out / "features-worse_label", None, None,
+       "--clean_from: needs --from_scratch (a fine-tuned clean variant starts from its own "
+       "run's step 1)"),
+      (tmp_path / "nowhere", None, None,
+       f"--clean_from: {tmp_path / 'nowhere' / 'classification-scratch' / 'finetune-clean'}"
+       "/summary.json: missing; run this tool with --from_scratch and the clean variant on "
+       f"--out={tmp_path / 'nowhere'} first"),
+      (fake, {**summary["config"], "steps": summary["config"]["steps"] + 1}, None,
+       f"--clean_from: {fake / 'classification-scratch' / 'finetune-clean'} was trained "
+       "with another recipe than this run's step 1"),
+      (fake, summary["config"], 35,
+       f"--clean_from: {fake}/train.csv lists other training images than this run's")]:
+    (fake / "classification-scratch" / "finetune-clean" / "summary.json").write_text(
+        json.dumps({**summary, "config": recipe}), encoding="utf-8")
+    if rows:
+      lines = (out / "features-worse_label" / "train.csv").read_text(
+          encoding="utf-8").splitlines()
+      (fake / "train.csv").write_text("\n".join(lines[:rows + 1]) + "\n", encoding="utf-8")
+    scratch = [] if expected.startswith("--clean_from: needs") else ["--from_scratch"]
+    error = one_line_error(subprocess.run([*classify, *scratch, f"--clean_from={clean_from}"],
+                                          capture_output=True, text=True, timeout=600))
+    assert error == "error: " + expected
+  assert not (diagnostic / "classification-scratch" / "finetune-clean").exists()
   # Without aggre_label among the columns the default pair is left out.
   assert "step1_aggre_label" not in subprocess.run(
       [sys.executable, "-c", "import sys; from absl import flags; from tools import benchmarks; "
@@ -397,11 +447,12 @@ def test_classification_check_jobs_repeat_the_scratch_variants_on_other_labels()
       check = jobs['classification-scratch-aggre_label']
       for arg in ['--out=o/features-aggre_label', '--from_scratch',
                   '--variants=none,w_hard,w_soft,w_soft_loss,clean',
+                  '--clean_from=o/features-worse_label',
                   '--benchmarks_md=o/sections/classification-scratch-aggre_label.md']:
         assert arg in check.args, (arg, check.args)
       assert check.output_dir == 'o/features-aggre_label/classification-scratch'
       assert check.sections == ('classification-scratch',)
-      assert check.needs == ('features-aggre_label',)
+      assert check.needs == ('features-aggre_label', 'classification-scratch')
       # A default column outside --label_columns is skipped; a given one refused.
       flags.FLAGS(['x', '--data=d', '--label_columns=worse_label'])
       assert 'classification-scratch-aggre_label' not in [

@@ -24,7 +24,10 @@ batch, learning rate and seed: the unweighted variant is step 1 itself):
   the weights of CleanNet*, the CleanNet trained again on the features of the
   w_soft variant's classifier (needs w_soft; not in the default --variants:
   each costs a training on top of CleanNet*);
-* clean: the true CIFAR-10 labels, weights 1 (the upper bound).
+* clean: the true CIFAR-10 labels, weights 1 (the upper bound). With
+  --from_scratch and --clean_from, another feature run's clean variant is
+  reused: the clean labels do not depend on the noisy column, so on the same
+  images with the same step-1 recipe it is the same training.
 
 --variants chooses among them. Each variant's test top-1, and the share of
 the noisy-to-clean gap that each weighting recovers, are written to
@@ -74,6 +77,10 @@ flags.DEFINE_integer("cleannet_steps", 3000, "CleanNet training steps.")
 flags.DEFINE_integer("holdout_classes", 5,
                      "Also fine-tune with w_soft of a CleanNet trained without the "
                      "verification labels of this many classes (0: skip).")
+flags.DEFINE_string("clean_from", None,
+                    "With --from_scratch: another tools.cifar10n_features --out of the same "
+                    "images and step-1 recipe whose from-scratch clean variant is copied "
+                    "(test top-1 measured again) instead of trained again.")
 flags.DEFINE_string("benchmarks_md", "",
                     "Markdown file whose classification section is regenerated; "
                     "empty: none.")
@@ -307,21 +314,50 @@ def cleannet_star(train, info, work, config):
   return weights
 
 
+def reuse_clean_variant(other_out, directory, train, config, test):
+  """Copies feature run `other_out`'s from-scratch clean variant into `directory`.
+
+  Refused unless that run trained the clean variant on the same images
+  (`train`'s paths, in order) with the same recipe (`config`, this run's step
+  1): then the copy is the training this run would do. Its test top-1 is
+  measured again on `test`.
+  """
+  source_dir = os.path.join(other_out, SECTIONS[True], "finetune-clean")
+  summary_path = os.path.join(source_dir, alternating.SUMMARY_FILE)
+  if not os.path.exists(summary_path):
+    raise InputError(f"--clean_from: {summary_path}: missing; run this tool with "
+                     f"--from_scratch and the clean variant on --out={other_out} first")
+  recipe = json.loads(json.dumps(dataclasses.asdict(config)))
+  if alternating.read_json(summary_path)["config"] != recipe:
+    raise InputError(f"--clean_from: {source_dir} was trained with another recipe than "
+                     "this run's step 1")
+  other_train = images.read_manifest(os.path.join(other_out, "train.csv"), train.class_names)
+  if not np.array_equal(other_train.paths, train.paths):
+    raise InputError(f"--clean_from: {other_out}/train.csv lists other training images "
+                     "than this run's")
+  classifier.reuse_finished(source_dir, directory, test)
+
+
 def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
              finetune_batch_size=128, cleannet_steps=3000, holdout_classes=5, seed=0,
-             from_scratch=False, variants=DEFAULT_VARIANTS):
+             from_scratch=False, variants=DEFAULT_VARIANTS, clean_from=None):
   """Steps 2-3 and the training of each of `variants`; the result dict.
 
   `out` is a folder of tools.cifar10n_features (its step 1, features and
   reference sets); `data_dir` the CIFAR-10N folder it was made from. Each
   variant fine-tunes step 1 or, `from_scratch`, trains from random weights
-  with step 1's recipe. Results are also written to results.json and
-  results.md in <out>/classification (<out>/classification-scratch).
+  with step 1's recipe; `clean_from` (from scratch only) is a feature run
+  whose clean variant is reused (``reuse_clean_variant``). Results are also
+  written to results.json and results.md in <out>/classification
+  (<out>/classification-scratch).
   """
   unknown = [name for name in variants if name not in VARIANTS]
   if unknown or not variants:
     raise InputError(f"--variants: {','.join(variants)!r} is not a list of: "
                      + ", ".join(VARIANTS))
+  if clean_from and not from_scratch:
+    raise InputError("--clean_from: needs --from_scratch (a fine-tuned clean variant "
+                     "starts from its own run's step 1)")
   star = [name for name in variants if name.endswith(STAR_SUFFIX)]
   if star and "w_soft" not in variants:
     raise InputError(f"--variants: {star[0]} needs w_soft (CleanNet* is trained on the "
@@ -393,6 +429,11 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
       if name.endswith(STAR_SUFFIX):
         star_weights = star_weights or cleannet_star(train, info, work, config)
         sources[name] = (train, star_weights[name.removesuffix(STAR_SUFFIX)])
+      if name == "clean" and clean_from:
+        reuse_clean_variant(clean_from, directory, train, variant_config, test)
+        top1[name] = alternating.read_json(
+            os.path.join(directory, alternating.SUMMARY_FILE))["test_top1"]
+        continue
       source, sample_weights = sources[name]
       variant = (dataclasses.replace(config.finetune, sample_weighting="loss")
                  if name.endswith(LOSS_SUFFIX) else config.finetune)
@@ -459,7 +500,8 @@ def main(_):
                      finetune_batch_size=FLAGS.finetune_batch_size,
                      cleannet_steps=FLAGS.cleannet_steps,
                      holdout_classes=FLAGS.holdout_classes, seed=FLAGS.seed,
-                     from_scratch=FLAGS.from_scratch, variants=FLAGS.variants)
+                     from_scratch=FLAGS.from_scratch, variants=FLAGS.variants,
+                     clean_from=FLAGS.clean_from)
   results["command"] = "python -m tools.cifar10n_classification " + shlex.join(sys.argv[1:])
   print(json.dumps(results, indent=2))
   print(_markdown(results))
