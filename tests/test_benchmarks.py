@@ -415,6 +415,29 @@ def test_cost_total_says_when_it_leaves_out_earlier_runs():
   assert_passes_in_a_fresh_process(check)
 
 
+def test_features_section_gives_no_rate_for_a_step1_resumed_from_a_checkpoint():
+  """A step 1 that an earlier run began: its time is the rest only, so no rate."""
+  assert_passes_in_a_fresh_process(textwrap.dedent("""
+      from absl import flags
+      from tools import benchmarks
+      flags.FLAGS(['x', '--data=d'])
+      job = {job.name: job for job in benchmarks.plan('o', 'd')}['features-worse_label']
+      assert job.started_parts == (('step 1', 'o/features-worse_label/step1/checkpoints'),)
+      result = {'feature_rows': 50000, 'noise_rate': 0.4, 'step1_test_top1': 0.75,
+                'dim': 128, 'features': 'f', 'references': 'missing.npz',
+                'step1_seconds': 100.0, 'extraction_seconds': 10.0,
+                'references_seconds_per_class': 1.0}
+      whole = benchmarks.features_markdown(job, dict(result, finished_before=[],
+                                                     started_before=[]), 20)
+      assert '| step 1: training, 20 epochs | 100 s | 10,000 images/s |' in whole, whole
+      resumed = benchmarks.features_markdown(job, dict(result, finished_before=[],
+                                                       started_before=['step 1']), 20)
+      note = "resumed from an earlier run's checkpoint (not timed)"
+      assert f'| step 1: training, 20 epochs | {note} | {note} |' in resumed, resumed
+      assert '| feature extraction, 50,000 images | 10.0 s | 5,000 images/s |' in resumed
+      """))
+
+
 def test_seeded_ablation_jobs_follow_each_detection_job():
   assert_passes_in_a_fresh_process(
       "from absl import flags; from tools import benchmarks\n"

@@ -162,6 +162,9 @@ class Job:
     figure: the PNG the tool draws, if any, and its caption.
     needs: jobs whose outputs it reads.
     parts: (name, path) of work the tool skips when the path exists.
+    started_parts: (name, path) of work that an earlier run began when the
+      path exists (a checkpoint) and the part is not finished: the tool
+      resumes it, so its time and rate are not those of the whole part.
   """
   name: str
   stage: str
@@ -174,6 +177,7 @@ class Job:
   figure: tuple | None = None
   needs: tuple = ()
   parts: tuple = ()
+  started_parts: tuple = ()
 
   @property
   def command(self):
@@ -284,6 +288,7 @@ def plan(out, data_dir):
                          ("feature extraction",
                           os.path.join(features, "features", "all", "metadata.json")),
                          ("reference sets", os.path.join(features, "references.npz"))),
+        started_parts=(("step 1", os.path.join(features, "step1", "checkpoints")),),
         needs=needs)
 
   def detection_job(name, features_job_name, caption, ablation_args, repeats, *extra,
@@ -418,6 +423,8 @@ def run_job(job, out):
     os.remove(job.section_file)
   resumed = os.path.exists(job.output_dir)
   finished_before = [name for name, path in job.parts if os.path.exists(path)]
+  started_before = [name for name, path in job.started_parts
+                    if os.path.exists(path) and name not in finished_before]
   print(f"{job.name}: {job.command}\n  log: {log_path}", flush=True)
   with open(log_path, "w", encoding="utf-8") as log:
     log.write(f"$ {job.command}\n")
@@ -449,6 +456,7 @@ def run_job(job, out):
     result = _last_json("".join(stdout), log_path)
   if job.name.startswith("features-"):
     result["finished_before"] = finished_before
+    result["started_before"] = started_before
   section = None
   if job.section_file:
     text = markdown_sections.read_text(job.section_file)
@@ -496,6 +504,7 @@ def features_markdown(job, result, epochs):
   reused = result.get("step1_from") and next(
       arg.split("=", 1)[1] for arg in job.args if arg.startswith("--step1_from="))
   skipped = set(result.get("finished_before", []))
+  started = set(result.get("started_before", []))
   rows = result["feature_rows"]
   try:
     import numpy as np  # pylint: disable=g-import-not-at-top
@@ -505,7 +514,11 @@ def features_markdown(job, result, epochs):
     k = "K"
 
   def timed(part, seconds, text):
-    return "finished by an earlier run (not timed)" if part in skipped else text(seconds)
+    if part in skipped:
+      return "finished by an earlier run (not timed)"
+    if part in started:  # only what was left after the checkpoint: no rate to give
+      return "resumed from an earlier run's checkpoint (not timed)"
+    return text(seconds)
 
   step1_row = (f"| step 1: reused from `{reused}`, test top-1 measured again | "
                + timed("step 1", result["step1_seconds"], lambda s: f"{s:,.0f} s") + " | |"

@@ -15,7 +15,8 @@ one stopped, small enough to commit:
   result, section) and its figure;
 * each feature run's step-1 network, as its last checkpoint and summary
   (training resumes there and ends at once; a few MB), except the copies of
-  another run's network (the diagnostic runs), which are copied again;
+  another run's network (the diagnostic runs), which are copied again; a
+  step 1 still training, as its last checkpoint (training resumes there);
 * each classification variant that finished: its summary and, for w_soft,
   its classifier (CleanNet* is trained on its features).
 
@@ -54,6 +55,7 @@ def _save_last_checkpoint(step1_dir, target_dir):
   checkpoints = os.path.join(step1_dir, "checkpoints")
   with open(os.path.join(checkpoints, "checkpoint"), encoding="utf-8") as f:
     name = f.readline().split(":", 1)[1].strip().strip('"')
+  shutil.rmtree(os.path.join(target_dir, "checkpoints"), ignore_errors=True)
   for path in glob.glob(os.path.join(checkpoints, name + ".*")):
     _copy(path, os.path.join(target_dir, "checkpoints", os.path.basename(path)))
   os.makedirs(os.path.join(target_dir, "checkpoints"), exist_ok=True)
@@ -70,15 +72,20 @@ def save(out):
     if record.get("figure") and os.path.exists(record["figure"]):
       _copy(record["figure"], os.path.join(ARCHIVE, "figures", record["name"] + ".png"))
     saved.append(record["name"])
-  for summary in sorted(glob.glob(os.path.join(out, "features-*", "step1", "summary.json"))):
-    step1_dir = os.path.dirname(summary)
-    with open(summary, encoding="utf-8") as f:
-      if "reused_from" in json.load(f):
-        continue  # a copy of another run's network: copied again on restore
+  for step1_dir in sorted(glob.glob(os.path.join(out, "features-*", "step1"))):
+    summary = os.path.join(step1_dir, "summary.json")
     target_dir = os.path.join(ARCHIVE, os.path.relpath(step1_dir, out))
-    _copy(summary, os.path.join(target_dir, "summary.json"))
+    if os.path.exists(summary):
+      with open(summary, encoding="utf-8") as f:
+        if "reused_from" in json.load(f):
+          continue  # a copy of another run's network: copied again on restore
+      _copy(summary, os.path.join(target_dir, "summary.json"))
+    elif not os.path.exists(os.path.join(step1_dir, "checkpoints", "checkpoint")):
+      continue
+    # Unfinished, the last checkpoint alone: training resumes there.
     _save_last_checkpoint(step1_dir, target_dir)
-    saved.append(os.path.relpath(step1_dir, out))
+    saved.append(os.path.relpath(step1_dir, out)
+                 + ("" if os.path.exists(summary) else " (unfinished)"))
   for summary in sorted(glob.glob(os.path.join(out, "features-*", "classification*",
                                                "finetune-*", "summary.json"))):
     variant_dir = os.path.dirname(summary)
