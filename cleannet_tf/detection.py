@@ -9,10 +9,12 @@ a CleanNet score cos(phi_q, phi_c^s). Conventions used throughout:
   mislabeled.
 
 The paper reports the average over classes of the per-class error rate and
-picks one threshold delta for all classes by cross-validation; both are here.
+picks one threshold delta for all classes on verified rows; both are here,
+with two rules for the pick (``choose_threshold``).
 """
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from cleannet_tf.errors import InputError
@@ -29,6 +31,15 @@ _TIE_TOLERANCE = 1e-9
 # be applied to classes without verified rows (``transfer_tie_band``;
 # ``training.TrainConfig.threshold_tie_band`` says why 1).
 TRANSFER_TIE_BAND = 1.0
+
+# How delta is chosen on verified rows (``choose_threshold``): "calibrated",
+# where a logistic fit of the verification labels on the score crosses 1/2,
+# or "minimum", the lowest error over candidate thresholds (the paper's).
+THRESHOLD_RULES = ("calibrated", "minimum")
+
+# Inverse L2 strength of the calibration fit: next to no shrinkage, only
+# enough to keep the slope finite when the verified rows are separable.
+_CALIBRATION_C = 1e4
 
 
 def _check_delta(fn, delta, shape=None):
@@ -438,8 +449,72 @@ def select_threshold(class_ids, truth, scores, candidates=None,
       class_ids, truth, (scores >= delta).astype(np.int64))
 
 
-def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0, tie_band=0.0) -> dict:
-  """Cross-validated error of the "select one threshold" rule.
+def calibrated_threshold(class_ids, truth, scores) -> tuple[float, float]:
+  """One threshold for all classes where the calibrated score crosses 1/2.
+
+  Fits P(label correct | score) = sigmoid(a * score + b) to the verified rows
+  by logistic regression, each row weighted 1 / (C * n_c) as in the average
+  per-class error, and returns delta = -b / a: the Bayes decision of eq. 11
+  for that error under the fit. Every row moves the fit, whereas the minimum
+  of the error (``select_threshold``) is decided by the few rows near it: with
+  few mislabeled verified rows the minimum lands anywhere in a wide flat range
+  from one sample to the next, and the fitted crossing does not.
+
+  Falls back to ``select_threshold`` (exact ties) when the fit cannot say:
+  the rows are all clean or all mislabeled, the scores are all equal, or the
+  fitted slope is not positive (higher scores not more often clean).
+
+  Args:
+    class_ids: int [N], >= 0.
+    truth: int or bool [N] in {0, 1}; verification labels.
+    scores: float [N], finite.
+
+  Returns:
+    (delta, average per-class error at delta on these rows).
+
+  Raises:
+    InputError: on empty or malformed input.
+  """
+  fn = "calibrated_threshold"
+  if np.size(class_ids) == 0:
+    raise InputError(f"{fn}: no verified rows")
+  class_ids, truth, scores = _check_rows(fn, class_ids, truth, scores)
+  spread = scores.std()
+  if truth.min() == truth.max() or not spread > 0:
+    return select_threshold(class_ids, truth, scores)
+  rows = np.bincount(class_ids)
+  weight = 1.0 / rows[class_ids]
+  # Standardised scores keep the solver well conditioned whatever their scale.
+  centre = scores.mean()
+  fit = LogisticRegression(C=_CALIBRATION_C).fit(
+      ((scores - centre) / spread)[:, None], truth, sample_weight=weight / weight.mean())
+  slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+  if not slope > 0:
+    return select_threshold(class_ids, truth, scores)
+  delta = float(centre - spread * intercept / slope)
+  return delta, average_per_class_error(class_ids, truth, (scores >= delta).astype(np.int64))
+
+
+def choose_threshold(class_ids, truth, scores, rule="calibrated",
+                     tie_band=0.0) -> tuple[float, float]:
+  """delta on verified rows by `rule` (one of THRESHOLD_RULES).
+
+  "calibrated": ``calibrated_threshold``. "minimum": ``select_threshold``
+  with `tie_band`, which only that rule uses.
+
+  Returns:
+    (delta, average per-class error at delta on these rows).
+  """
+  if rule == "calibrated":
+    return calibrated_threshold(class_ids, truth, scores)
+  if rule == "minimum":
+    return select_threshold(class_ids, truth, scores, tie_band=tie_band)
+  raise InputError(f"threshold rule {rule!r}: must be one of {', '.join(THRESHOLD_RULES)}")
+
+
+def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0, tie_band=0.0,
+                        rule="minimum") -> dict:
+  """Cross-validated error of a rule that chooses one threshold (``choose_threshold``).
 
   Each fold's threshold is chosen on the other folds and scored on the fold.
   Folds are stratified by class so that every class is spread over them; when
@@ -453,6 +528,7 @@ def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0, tie_band=0.0)
     folds: number of folds, >= 2.
     seed: seed of the fold shuffling.
     tie_band: ``select_threshold``'s, for every fold and for all rows.
+    rule: ``choose_threshold``'s.
 
   Returns:
     dict with "delta" (float, threshold chosen on all rows, the one to use),
@@ -476,13 +552,12 @@ def select_threshold_cv(class_ids, truth, scores, folds=5, seed=0, tie_band=0.0)
     splitter = KFold(n_splits=folds, shuffle=True, random_state=seed)
   fold_errors, fold_deltas = [], []
   for fit, held_out in splitter.split(scores, class_ids):
-    delta, _ = select_threshold(class_ids[fit], truth[fit], scores[fit],
-                                tie_band=tie_band)
+    delta, _ = choose_threshold(class_ids[fit], truth[fit], scores[fit], rule, tie_band)
     fold_deltas.append(delta)
     fold_errors.append(average_per_class_error(
         class_ids[held_out], truth[held_out],
         (scores[held_out] >= delta).astype(np.int64)))
-  delta, _ = select_threshold(class_ids, truth, scores, tie_band=tie_band)
+  delta, _ = choose_threshold(class_ids, truth, scores, rule, tie_band)
   return {
       "delta": delta,
       "cv_avg_class_error": float(np.mean(fold_errors)),

@@ -233,7 +233,8 @@ def _record_cleannet_calls(monkeypatch, thresholds_of=None):
 
 
 def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeypatch):
-  rows, truth, info = _benchmark_rows(tmp_path)
+  # Enough validation rows for the three threshold rules to disagree.
+  rows, truth, info = _benchmark_rows(tmp_path, num_rows=800)
   class_ids, verification, features = rows["class_id"], rows["verification"], rows["features"]
   calls = _record_cleannet_calls(monkeypatch)
   scores = features[:, 0].astype(np.float64)
@@ -243,28 +244,37 @@ def test_transfer_and_ablation_report_held_out_verified_errors(tmp_path, monkeyp
   with flagsaver.flagsaver():
     benchmark_detection.FLAGS(["test", "--clean_labels=x", "--transfer_n=2",
                                "--transfer_splits=2",
-                               "--ablations=dropout,exact_threshold_ties",
+                               "--ablations=dropout,minimum_threshold,exact_threshold_ties",
                                "--ablation_transfer_n=2"])
     report = benchmark_detection.transfer(rows, truth, None, full_scores, full_results,
                                           info, str(tmp_path / "out"))
     ablation = benchmark_detection.ablation(rows, truth, None, info, str(tmp_path / "out"))
-    expected, expected_exact = [], []
+    expected, expected_minimum, expected_exact = [], [], []
+    deltas = {"calibrated": [], "minimum": [], "exact": []}
     for split in range(2):
       held_out, masked, evaluated, val, _ = benchmark_detection.held_out_split(
           rows, 2, split, info, str(tmp_path / "out"))
-      # The defaults' threshold rule in transfer has the tie band; the
-      # exact_threshold_ties variant's has none.
-      for tie_band, errors in [(None, expected), (0.0, expected_exact)]:
+      # The defaults' threshold is the calibrated one; minimum_threshold's is
+      # the lowest validation error with the tie band in transfer;
+      # exact_threshold_ties' has no band.
+      for name, rule, tie_band, errors in [("calibrated", "calibrated", None, expected),
+                                           ("minimum", "minimum", None, expected_minimum),
+                                           ("exact", "minimum", 0.0, expected_exact)]:
         delta = benchmark_detection.threshold_and_error(scores, class_ids, masked, val,
-                                                        evaluated, truth, tie_band)["delta"]
+                                                        evaluated, truth, rule,
+                                                        tie_band)["delta"]
+        deltas[name].append(delta)
         delta = np.full(info.num_classes, delta)
         errors.append(benchmark_detection.held_out_verified_error(
             scores, class_ids, verification, held_out, delta))
   assert [run["cleannet_held_out_verified_error"] for run in report[2]["splits"]] == expected
   assert ablation["defaults"]["held_out_verified"] == expected
   assert ablation["dropout"]["held_out_verified"] == expected
+  assert ablation["minimum_threshold"]["held_out_verified"] == expected_minimum
   assert ablation["exact_threshold_ties"]["held_out_verified"] == expected_exact
-  assert expected != expected_exact  # the data tell the two rules apart
+  # The data tell the three rules apart.
+  assert len({tuple(values) for values in deltas.values()}) == 3
+  assert expected_minimum != expected_exact
   assert (str(tmp_path / "out/transfer_n2_split1/cleannet-dropout"), {"dropout": 0.2}) in [
       (model_dir, overrides) for model_dir, _, overrides in calls]
   assert 0 < np.mean(expected) < 0.5

@@ -226,6 +226,76 @@ def test_select_threshold_cv_small_class_falls_back_to_kfold():
   assert out["cv_avg_class_error"] == pytest.approx(np.mean(out["fold_errors"]))
 
 
+def _logistic_rows(rng, n, slope, intercept, num_classes=4):
+  """(class_ids, truth, scores): truth ~ Bernoulli(sigmoid(slope * score + intercept))."""
+  scores = rng.uniform(-1, 1, n)
+  truth = (rng.random(n) < 1 / (1 + np.exp(-(slope * scores + intercept)))).astype(np.int64)
+  return rng.integers(0, num_classes, n), truth, scores
+
+
+def test_calibrated_threshold_finds_where_p_clean_crosses_one_half():
+  # P(clean | score) = sigmoid(8 * score - 2) crosses 1/2 at 0.25.
+  class_ids, truth, scores = _logistic_rows(np.random.default_rng(0), 20_000, 8.0, -2.0)
+  delta, error = detection.calibrated_threshold(class_ids, truth, scores)
+  assert delta == pytest.approx(0.25, abs=0.02)
+  assert error == detection.average_per_class_error(
+      class_ids, truth, detection.decisions(scores, delta))
+
+
+def test_calibrated_threshold_weighs_classes_equally():
+  # Duplicating one class's rows leaves the per-class weighted fit unchanged.
+  class_ids, truth, scores = _logistic_rows(np.random.default_rng(1), 400, 6.0, 0.0)
+  extra = class_ids == 0
+  repeated = [np.concatenate([a] + [a[extra]] * 3) for a in (class_ids, truth, scores)]
+  assert detection.calibrated_threshold(*repeated)[0] == pytest.approx(
+      detection.calibrated_threshold(class_ids, truth, scores)[0], abs=1e-4)
+
+
+def test_calibrated_threshold_varies_less_than_the_minimum_with_few_mislabeled_rows():
+  # 500 rows, about a fifth mislabeled, crossing at -0.6: the exact minimum
+  # wanders over a flat error curve from sample to sample.
+  rng = np.random.default_rng(2)
+  calibrated, minimum = [], []
+  for _ in range(30):
+    class_ids, truth, scores = _logistic_rows(rng, 500, 10.0, 6.0, num_classes=10)
+    calibrated.append(detection.calibrated_threshold(class_ids, truth, scores)[0])
+    minimum.append(detection.select_threshold(class_ids, truth, scores)[0])
+  assert np.std(calibrated) < 0.5 * np.std(minimum)
+  assert np.mean(calibrated) == pytest.approx(-0.6, abs=0.03)
+
+
+@pytest.mark.parametrize("truth, scores", [
+    ([1, 1, 1, 1], [0.1, 0.5, 0.2, 0.9]),  # no mislabeled row
+    ([1, 0, 1, 0], [0.3, 0.3, 0.3, 0.3]),  # one score
+    ([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]),  # higher scores less often clean
+])
+def test_calibrated_threshold_falls_back_to_the_minimum_when_the_fit_cannot_say(truth,
+                                                                                scores):
+  class_ids = [0, 1, 0, 1]
+  assert detection.calibrated_threshold(class_ids, truth, scores) == \
+      detection.select_threshold(class_ids, truth, scores)
+
+
+def test_choose_threshold_dispatches_on_the_rule():
+  class_ids, truth, scores = _logistic_rows(np.random.default_rng(3), 300, 5.0, 1.0)
+  assert detection.choose_threshold(class_ids, truth, scores) == \
+      detection.calibrated_threshold(class_ids, truth, scores)
+  assert detection.choose_threshold(class_ids, truth, scores, "minimum", 1.0) == \
+      detection.select_threshold(class_ids, truth, scores, tie_band=1.0)
+  with pytest.raises(InputError, match="threshold rule 'median': must be one of"):
+    detection.choose_threshold(class_ids, truth, scores, "median")
+  with pytest.raises(InputError, match="calibrated_threshold: no verified rows"):
+    detection.calibrated_threshold([], [], [])
+
+
+def test_select_threshold_cv_of_the_calibrated_rule():
+  class_ids, truth, scores = _logistic_rows(np.random.default_rng(4), 300, 5.0, 1.0)
+  out = detection.select_threshold_cv(class_ids, truth, scores, rule="calibrated")
+  assert out["delta"] == detection.calibrated_threshold(class_ids, truth, scores)[0]
+  assert out["fold_deltas"] != detection.select_threshold_cv(class_ids, truth, scores)[
+      "fold_deltas"]
+
+
 def test_decisions_and_weights_take_one_threshold_per_row():
   scores = np.array([0.2, 0.5, 0.7])
   np.testing.assert_array_equal(detection.decisions(scores, [0.1, 0.6, 0.6]), [1, 0, 1])

@@ -438,7 +438,7 @@ class _FixedScorer:
     return self.scores
 
 
-def test_evaluate_widens_delta_ties_only_when_some_classes_have_no_validation_rows():
+def test_evaluate_minimum_rule_widens_ties_only_when_some_classes_have_no_validation_rows():
   # Classes 0 and 1 validated; a flat error curve over the low scores (every
   # other row mislabeled) whose exact minimum sits at its top end.
   scores = np.tile(np.arange(50) / 50, 2)
@@ -447,11 +447,11 @@ def test_evaluate_widens_delta_ties_only_when_some_classes_have_no_validation_ro
   truth[16:20] = truth[66:70] = 0
   val = {"features": np.zeros((100, 1)), "class_id": np.repeat([0, 1], 50),
          "verification": truth}
-  exact = training.evaluate(_FixedScorer(scores, 2), val)["delta"]
+  exact = training.evaluate(_FixedScorer(scores, 2), val, "minimum")["delta"]
   assert exact == detection.select_threshold(val["class_id"], truth, scores)[0]
   # A third class without validation rows: the band of TrainConfig.threshold_tie_band.
   band = training.TrainConfig().threshold_tie_band
-  result = training.evaluate(_FixedScorer(scores, 3), val, band)
+  result = training.evaluate(_FixedScorer(scores, 3), val, "minimum", band)
   transfer = result["delta"]
   assert transfer == detection.select_threshold(val["class_id"], truth, scores,
                                                 tie_band=band)[0]
@@ -459,7 +459,28 @@ def test_evaluate_widens_delta_ties_only_when_some_classes_have_no_validation_ro
   # Model selection compares the lowest error, not the banded delta's.
   lowest = detection.select_threshold(val["class_id"], truth, scores)[1]
   assert result["min_avg_class_error"] == lowest < result["avg_class_error"]
-  assert training.evaluate(_FixedScorer(scores, 3), val, 0.0)["delta"] == exact
+  assert training.evaluate(_FixedScorer(scores, 3), val, "minimum", 0.0)["delta"] == exact
+
+
+def test_evaluate_calibrated_rule_is_the_default_and_ignores_the_band():
+  rng = np.random.default_rng(0)
+  truth = (rng.random(400) < 0.8).astype(np.int64)
+  scores = rng.normal(size=400) + truth
+  val = {"features": np.zeros((400, 1)), "class_id": np.repeat([0, 1], 200),
+         "verification": truth}
+  assert training.TrainConfig().threshold_rule == "calibrated"
+  result = training.evaluate(_FixedScorer(scores, 3), val)
+  calibrated = detection.calibrated_threshold(val["class_id"], truth, scores)[0]
+  assert result["delta"] == calibrated
+  assert training.evaluate(_FixedScorer(scores, 3), val, "calibrated", 0.0)["delta"] == calibrated
+  # Model selection still compares the lowest error over all thresholds.
+  assert result["min_avg_class_error"] == detection.select_threshold(
+      val["class_id"], truth, scores)[1]
+
+
+def test_train_config_rejects_an_unknown_threshold_rule():
+  with pytest.raises(InputError, match="--threshold_rule=median: must be one of calibrated"):
+    training.TrainConfig(threshold_rule="median")
 
 
 def test_nearest_classes_in_chunks_matches_the_full_cosine_matrix():

@@ -11,7 +11,7 @@ step-1 CNN <run_dir>/step1/classifier.keras and its manifest
 clean_label; its paths are relative to its folder).
 
 Every method scores every row; one threshold per method is chosen on verified
-validation rows (``detection.select_threshold``) and the average per-class
+validation rows (``detection.choose_threshold``) and the average per-class
 error is measured on all rows without verification labels against the clean
 labels. The transfer part holds out the verification labels of n classes and
 measures only on those classes. Writes <out>/detection_benchmark.json,
@@ -128,8 +128,11 @@ ABLATIONS = {
     # K-means sets with another K, built by ``variant_references``.
     "references_20": ("K=20 references per class (default 50)", {"num_references": 20}),
     "references_100": ("K=100 references per class (default 50)", {"num_references": 100}),
-    "exact_threshold_ties": ("delta at the exact validation minimum in transfer too "
-                             "(no tie band)", {"threshold_tie_band": 0.0}),
+    "minimum_threshold": ("delta at the lowest validation error (the paper's rule), "
+                          "with the tie band in transfer", {"threshold_rule": "minimum"}),
+    "exact_threshold_ties": ("delta at the exact lowest validation error, in transfer "
+                             "too (no tie band)",
+                             {"threshold_rule": "minimum", "threshold_tie_band": 0.0}),
     "refined_references": ("trained again on reference sets rebuilt from the rows the "
                            "first model scores >= delta (training.refined_reference_sets)",
                            {"reference_refinement": 1}),
@@ -137,13 +140,23 @@ ABLATIONS = {
                             "(detection.class_thresholds)", {"transfer_thresholds": True}),
 }
 
+# Methods whose scores take a few levels (a constant, minus a rank, a flag):
+# their threshold is the lowest validation error over those levels, which for
+# classification filtering is choosing K; a calibration fit of the
+# verification labels on so few levels says nothing more.
+FEW_LEVEL_METHODS = ("naive", "classification filtering (step-1 CNN)",
+                     "cleanlab find_label_issues")
+
 PROTOCOL = """\
 Protocol. Verified rows are the feature set's verification labels (drawn per
 class with a seed by `tools.prepare_cifar10n`). They are split per class into
 training and validation rows (`training.split_verified`, --val_fraction, --seed).
 Every method is fit on the verified training rows only (the unsupervised and
 weakly supervised ones on none), and its one threshold for all classes is
-chosen on the verified validation rows only. Error = average per-class error
+chosen on the verified validation rows only: by --threshold_rule for methods
+with continuous scores, CleanNet's included, and at the lowest validation
+error for those with a few score levels (naive, classification filtering,
+cleanlab), where a calibration fit has nothing to fit. Error = average per-class error
 on all rows WITHOUT verification labels, truth = (noisy label == clean label).
 No evaluation row's label and no clean label is used to fit or to choose a
 threshold. Supervised baselines are per-class binary classifiers on the
@@ -220,22 +233,24 @@ def verified_split(verification, class_ids, seed):
 
 
 def threshold_and_error(scores, class_ids, verification, val, evaluated, truth,
-                        transfer_tie_band=None, thresholds_of=None):
+                        rule=None, transfer_tie_band=None, thresholds_of=None):
   """Threshold chosen on `val` rows; its validation and evaluation errors.
 
-  The library's rule for every method (``training.evaluate``'s): the tie band
-  `transfer_tie_band` (default --threshold_tie_band) when `evaluated` holds
-  classes without validation rows (transfer), exact ties otherwise.
+  The library's rule (``training.evaluate``'s): ``detection.choose_threshold``
+  with `rule` (default --threshold_rule) and, for the rule "minimum", the tie
+  band `transfer_tie_band` (default --threshold_tie_band) when `evaluated`
+  holds classes without validation rows (transfer), exact ties otherwise.
   `thresholds_of` (CleanNet's, ``cleannet_run``) maps delta to every class's
   threshold, for the classes without verification labels; then they decide
   the evaluated rows and are returned as "thresholds" [L].
   """
+  if rule is None:
+    rule = FLAGS.threshold_rule
   if transfer_tie_band is None:
     transfer_tie_band = FLAGS.threshold_tie_band
-  delta, val_error = detection.select_threshold(
-      class_ids[val], verification[val], scores[val],
-      tie_band=detection.transfer_tie_band(class_ids[val], class_ids[evaluated],
-                                           transfer_tie_band))
+  delta, val_error = detection.choose_threshold(
+      class_ids[val], verification[val], scores[val], rule,
+      detection.transfer_tie_band(class_ids[val], class_ids[evaluated], transfer_tie_band))
   result = {"delta": delta, "val_error": val_error}
   if thresholds_of is not None:
     result["thresholds"] = thresholds_of(delta).tolist()
@@ -244,6 +259,11 @@ def threshold_and_error(scores, class_ids, verification, val, evaluated, truth,
       detection.decisions(scores[evaluated],
                           _at_classes(result.get("thresholds", delta), class_ids[evaluated])))
   return {**result, "error": error}
+
+
+def method_rule(name):
+  """The threshold rule of benchmark method `name`: FEW_LEVEL_METHODS' or --threshold_rule."""
+  return "minimum" if name in FEW_LEVEL_METHODS else FLAGS.threshold_rule
 
 
 def _at_classes(thresholds, class_ids):
@@ -426,7 +446,7 @@ def full_supervision(rows, truth, reference_sets, probabilities, info, out):
     logging.info("Detection benchmark: %s", name)
     scores[name], seconds, growth = measured(fn, *args)
     results[name] = {**threshold_and_error(scores[name], class_ids, verification, val,
-                                           evaluated, truth),
+                                           evaluated, truth, method_rule(name)),
                      "seconds": seconds, "peak_rss_growth_mib": growth}
   repeats = [results["CleanNet"]["error"]]
   for repeat in range(1, FLAGS.cleannet_repeats):
@@ -488,7 +508,7 @@ def transfer(rows, truth, reference_sets, full_scores, full_results, info, out):
       held_out, masked, evaluated, val, masked_info = held_out_split(rows, n, split, info,
                                                                     out)
       errors = {name: threshold_and_error(full_scores[name], class_ids, masked, val,
-                                          evaluated, truth)["error"]
+                                          evaluated, truth, method_rule(name))["error"]
                 for name in ["naive", *reused]}
       # The MLP keeps every class's labels, so its full-supervision threshold.
       errors["MLP (all labels)"] = detection.average_per_class_error(
@@ -531,13 +551,14 @@ def ablation(rows, truth, reference_sets, info, out):
     result = {"description": description, "overrides": overrides or {}, "val_error": [],
               "error": [], "transfer": [], "held_out_verified": []}
     variant_sets = variant_references(reference_sets, overrides, info, out)
+    rule = (overrides or {}).get("threshold_rule", FLAGS.threshold_rule)
     tie_band = (overrides or {}).get("threshold_tie_band", FLAGS.threshold_tie_band)
     for repeat in range(FLAGS.ablation_seeds):
       model_dir, run_overrides = seeded_run(ablation_model_dir(out, name), repeat, overrides)
       scores = cleannet_scores(info, variant_sets, model_dir, rows["features"], class_ids,
                                run_overrides)
       full = threshold_and_error(scores, class_ids, verification, val, verification < 0,
-                                 truth)
+                                 truth, rule)
       result["val_error"].append(full["val_error"])
       result["error"].append(full["error"])
       for split in range(FLAGS.transfer_splits if n else 0):
@@ -548,7 +569,7 @@ def ablation(rows, truth, reference_sets, info, out):
         scores, thresholds_of = cleannet_run(masked_info, variant_sets, model_dir,
                                              rows["features"], class_ids, run_overrides)
         split_result = threshold_and_error(scores, class_ids, masked, split_val, evaluated,
-                                           truth, tie_band, thresholds_of)
+                                           truth, rule, tie_band, thresholds_of)
         result["transfer"].append(split_result["error"])
         result["held_out_verified"].append(held_out_verified_error(
             scores, class_ids, verification, held_out, split_result["thresholds"]))

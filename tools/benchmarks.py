@@ -71,7 +71,8 @@ LABEL_COLUMNS = ("worse_label", "aggre_label")
 # TensorFlow; a test keeps the two equal).
 PAPER_DEMO_ARGS = ("--standardize_features=false", "--optimizer=sgd", "--learning_rate=0.01",
                    "--beta=0.1", "--cross_class_negatives=0", "--class_separation=0",
-                   "--weight_averaging=0", "--threshold_tie_band=0",
+                   "--weight_averaging=0", "--threshold_rule=minimum",
+                   "--threshold_tie_band=0",
                    "--gamma=0.1", "--pseudo_label_margin=0.1")
 FIGURES_DIR = os.path.join("docs", "benchmarks")
 # The classification variants trained from scratch: each is a whole step-1

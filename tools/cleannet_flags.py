@@ -6,7 +6,7 @@ DEFAULTS.md; importing this module defines the flags.
 
 from absl import flags
 
-from cleannet_tf import distribute, losses, model, training
+from cleannet_tf import detection, distribute, losses, model, training
 
 _TRAIN = training.TrainConfig()
 _LOSS = losses.LossWeights()
@@ -64,10 +64,15 @@ flags.DEFINE_integer("separation_classes", _TRAIN.separation_classes,
 flags.DEFINE_float("weight_averaging", _TRAIN.weight_averaging,
                    "Decay of the moving average of the weights that is validated and "
                    "saved (0: the last step's weights).")
+flags.DEFINE_enum("threshold_rule", _TRAIN.threshold_rule, detection.THRESHOLD_RULES,
+                  "How delta is chosen on the verified validation rows: where a logistic "
+                  "fit of the verification labels on the score crosses 1/2 (calibrated), "
+                  "or at the lowest validation error (minimum, the paper's).")
 flags.DEFINE_float("threshold_tie_band", _TRAIN.threshold_tie_band,
-                   "When some classes have no verified validation rows, delta is the "
-                   "middle of the thresholds within this many standard deviations of the "
-                   "lowest validation error (0: the exact minimum, the paper's).")
+                   "With --threshold_rule=minimum, when some classes have no verified "
+                   "validation rows, delta is the middle of the thresholds within this "
+                   "many standard deviations of the lowest validation error (0: the exact "
+                   "minimum, the paper's).")
 flags.DEFINE_bool("transfer_thresholds", _TRAIN.transfer_thresholds,
                   "Give each class without verification labels delta moved to the same "
                   "place in its own score distribution, by its score quartiles (default: "
@@ -141,7 +146,8 @@ def train_config():
       negative_neighbors=FLAGS.negative_neighbors,
       class_separation=FLAGS.class_separation,
       separation_classes=FLAGS.separation_classes,
-      weight_averaging=FLAGS.weight_averaging, threshold_tie_band=FLAGS.threshold_tie_band,
+      weight_averaging=FLAGS.weight_averaging, threshold_rule=FLAGS.threshold_rule,
+      threshold_tie_band=FLAGS.threshold_tie_band,
       transfer_thresholds=FLAGS.transfer_thresholds,
       reference_refinement=FLAGS.reference_refinement,
       val_fraction=FLAGS.val_fraction, eval_every=FLAGS.eval_every,
