@@ -37,7 +37,8 @@ from cleannet_tf.errors import InputError
 # ``model.FeatureNormalization`` say why), as overrides for ``with_overrides``
 # (each name is also a flag of the training binaries): the benchmarks'
 # "paper settings" runs.
-PAPER_SETTINGS = {"standardize_features": False, "optimizer": "sgd", "learning_rate": 0.01,
+PAPER_SETTINGS = {"standardize_features": False, "query_hidden_dim": 256, "embedding_dim": 128,
+                  "optimizer": "sgd", "learning_rate": 0.01,
                   "beta": 0.1, "cross_class_negatives": 0.0, "class_separation": 0.0,
                   "weight_averaging": 0.0, "threshold_rule": "minimum",
                   "threshold_tie_band": 0.0,

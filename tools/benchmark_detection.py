@@ -113,8 +113,9 @@ ABLATIONS = {
         {"negative_neighbors": 3, "unverified_cross_class_negatives": 0.25}),
     "negative_weight_2.5": ("omega 2.5 (release 5)", {"negative_weight": 2.5}),
     "dropout": ("dropout 0.2 in the reference MLP", {"dropout": 0.2}),
-    "wider_embeddings": ("embeddings 256 wide, query hidden layer 512",
-                         {"embedding_dim": 256, "query_hidden_dim": 512}),
+    "paper_embeddings": ("embeddings 128 wide, query hidden layer 256 (the paper; "
+                         "default 256 and 512)",
+                         {"embedding_dim": 128, "query_hidden_dim": 256}),
     "narrower_embeddings": ("embeddings 64 wide, query hidden layer 128",
                             {"embedding_dim": 64, "query_hidden_dim": 128}),
     "learning_rate_3e-4": ("Adam learning rate 3e-4 (default 1e-3)",

@@ -36,8 +36,9 @@ flags.DEFINE_integer("feature_dim", 2048, "D, the feature width.")
 flags.DEFINE_integer("num_classes", 1000, "L, the number of classes.")
 flags.DEFINE_integer("num_references", 4,
                      "K; only the export-time class embeddings depend on it.")
-flags.DEFINE_integer("query_hidden_dim", 256, "Query encoder hidden width.")
-flags.DEFINE_integer("embedding_dim", 128, "E, the embedding width.")
+flags.DEFINE_integer("query_hidden_dim", model_lib.QUERY_HIDDEN_DIM,
+                     "Query encoder hidden width.")
+flags.DEFINE_integer("embedding_dim", model_lib.EMBEDDING_DIM, "E, the embedding width.")
 flags.DEFINE_list("batch_sizes", ["1", "64", "4096"], "Batch sizes to time.")
 flags.DEFINE_float("seconds", 1.0, "Length of one timing window.")
 flags.DEFINE_integer("repeats", 3, "Timing windows per batch size and implementation; the "

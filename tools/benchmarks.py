@@ -69,7 +69,8 @@ LABEL_COLUMNS = ("worse_label", "aggre_label")
 # The demo with the paper's and the release's settings where the library's
 # defaults differ: training.PAPER_SETTINGS as flags (this module imports no
 # TensorFlow; a test keeps the two equal).
-PAPER_DEMO_ARGS = ("--standardize_features=false", "--optimizer=sgd", "--learning_rate=0.01",
+PAPER_DEMO_ARGS = ("--standardize_features=false", "--query_hidden_dim=256",
+                   "--embedding_dim=128", "--optimizer=sgd", "--learning_rate=0.01",
                    "--beta=0.1", "--cross_class_negatives=0", "--class_separation=0",
                    "--weight_averaging=0", "--threshold_rule=minimum",
                    "--threshold_tie_band=0",
@@ -129,7 +130,7 @@ flags.DEFINE_integer("transfer_splits", 3, "tools.benchmark_detection --transfer
 flags.DEFINE_list("ablations", [],
                   "tools.benchmark_detection --ablations (CleanNet variants, or 'all'); "
                   "empty: none.")
-flags.DEFINE_list("seeded_ablations", ["transfer_thresholds", "dropout", "wider_embeddings"],
+flags.DEFINE_list("seeded_ablations", ["transfer_thresholds", "dropout", "paper_embeddings"],
                   "CleanNet variants (of --ablations' names) compared with the defaults over "
                   "--ablation_seeds seeds on each label column (job ablation-seeds-<label>): "
                   "those whose one-seed ablation rows are within run-to-run variation of the "

@@ -17,8 +17,10 @@ flags.DEFINE_enum("normalization", "log1p", list(model.NORMALIZATIONS),
 flags.DEFINE_bool("standardize_features", True,
                   "Standardise normalised features with the training features' mean and std.")
 flags.DEFINE_integer("num_references", 50, "K: references per class (K-means centroids).")
-flags.DEFINE_integer("query_hidden_dim", 256, "Hidden width of the query autoencoder.")
-flags.DEFINE_integer("embedding_dim", 128, "Width of query and class embeddings.")
+flags.DEFINE_integer("query_hidden_dim", model.QUERY_HIDDEN_DIM,
+                     "Hidden width of the query autoencoder (the paper: 256).")
+flags.DEFINE_integer("embedding_dim", model.EMBEDDING_DIM,
+                     "Width of query and class embeddings (the paper: 128).")
 flags.DEFINE_list("reference_hidden_dims", ["512", "256"],
                   "Widths of the 2-layer MLP applied to each reference.")
 flags.DEFINE_integer("attention_dim", 256, "Width of u_i in the attention (Eq. 2).")
