@@ -174,6 +174,20 @@ def test_seeded_ablation_markdown_gives_means_over_seeds():
   assert "Transfer: verification labels" not in text
 
 
+def test_rows_with_truth_marks_the_rows_whose_noisy_label_is_the_clean_one(tmp_path):
+  names = [f"img{i}.png" for i in range(4)]
+  data.write_features(str(tmp_path / "features"), [str(tmp_path / n) for n in names],
+                      np.ones((4, 3), np.float32), [0, 1, 1, 0], [-1, 1, 0, -1], ["a", "b"])
+  clean = tmp_path / "train.csv"
+  clean.write_text("path,clean_label\n" + "".join(
+      f"{n},{label}\n" for n, label in zip(names, "abab")))
+  info, rows, truth = benchmark_detection.rows_with_truth(str(tmp_path / "features"),
+                                                          str(clean))
+  assert info.num_rows == 4
+  by_key = dict(zip(rows["key"].astype(str), truth))
+  assert [by_key[str(tmp_path / n)] for n in names] == [1, 1, 0, 0]
+
+
 def test_held_out_verified_error_uses_only_the_held_out_classes_verified_rows():
   class_ids = np.array([0, 0, 0, 1, 1, 2, 2])
   verification = np.array([1, 0, -1, 1, 0, 1, 0])

@@ -205,6 +205,19 @@ def clean_class_ids(path, class_names, keys):
   return clean[_align(paths, keys, path)]
 
 
+def rows_with_truth(features_dir, clean_labels):
+  """(info, every row's arrays, truth int [N]) of a feature set.
+
+  truth is 1 where the row's noisy label is its clean label (`clean_labels`,
+  a CSV with columns path and clean_label).
+  """
+  info = data.read_info(features_dir)
+  rows = data.load_arrays(info, verification="all")
+  truth = (rows["class_id"] == clean_class_ids(clean_labels, info.class_names,
+                                               rows["key"].astype(str))).astype(np.int64)
+  return info, rows, truth
+
+
 def cnn_probabilities(model_path, manifest_path, class_names, keys, batch_size=512):
   """float [N, L]: the step-1 CNN's outputs on each feature row's image."""
   model = common.load_keras(model_path, "the step-1 classifier")
@@ -725,15 +738,13 @@ def plot(transfer_report, path):
 
 
 def main(_):
-  info = data.read_info(_default(FLAGS.features, "features", "all"))
+  info, rows, truth = rows_with_truth(_default(FLAGS.features, "features", "all"),
+                                      FLAGS.clean_labels)
   reference_sets = references.ReferenceSets.load(_default(FLAGS.references,
                                                           "references.npz"))
   out = _default(FLAGS.out, "detection_benchmark")
   os.makedirs(out, exist_ok=True)
-  rows = data.load_arrays(info, verification="all")
   keys = rows["key"].astype(str)
-  truth = (rows["class_id"] == clean_class_ids(FLAGS.clean_labels, info.class_names,
-                                               keys)).astype(np.int64)
   classifier_path = _default(FLAGS.classifier, "step1", classifier.CLASSIFIER_FILE)
   manifest = _default(FLAGS.manifest, "train.csv")
 

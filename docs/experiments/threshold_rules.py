@@ -82,11 +82,9 @@ def collect(table, key, errors):
 
 def main(_):
   out = FLAGS.out
-  info = data.read_info(os.path.join(FLAGS.run_dir, "features", "all"))
-  rows = data.load_arrays(info, verification="all")
+  info, rows, truth = bench.rows_with_truth(os.path.join(FLAGS.run_dir, "features", "all"),
+                                            FLAGS.clean_labels)
   class_ids, verification, features = rows["class_id"], rows["verification"], rows["features"]
-  truth = (class_ids == bench.clean_class_ids(FLAGS.clean_labels, info.class_names,
-                                              rows["key"].astype(str))).astype(np.int64)
   evaluated = verification < 0
   table = {}
   for model_dir in sorted(glob.glob(os.path.join(out, "transfer_n*_split*", "cleannet*"))):
