@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/cifar10n
 # CleanNet variants of the ablation tables (tools/benchmark_detection.py ABLATIONS).
-ABLATIONS ?= paper,log1p_only,sgd,beta_0.1,no_cross_class_negatives,no_class_separation,no_weight_averaging,paper_pseudo_labels,unverified_negatives,negative_weight_2.5,dropout,paper_embeddings,learning_rate_3e-4,unverified_fraction_0.25,weight_decay_1e-3,narrower_embeddings,references_20,references_100,exact_threshold_ties,transfer_thresholds
+ABLATIONS ?= all
 
 .PHONY: install demo test benchmarks clean
 
