@@ -15,7 +15,11 @@ says which transfer_n<n>_split<s> folders). For each model folder named in
   shared delta, the lowest error any threshold of that class's own would give
   (an oracle), and the share of rows the shared delta flags beside the
   class's noise rate. A class with a high AUC and an oracle error far below
-  its error at delta loses to the threshold, not to the ranking.
+  its error at delta loses to the threshold, not to the ranking. Beside
+  delta, the mean score of the class's correct and of its mislabelled rows,
+  and the mislabelled rows' mean cosine with their true class's embedding:
+  where that is not far above their score, the query encoder has not told
+  the two classes' images apart.
 * two ways to score or threshold the held-out classes without their labels,
   on what a choice may be based on (the held-out classes' verified rows, which
   neither training nor the threshold saw) and, reported only, on their
@@ -88,6 +92,7 @@ def main(_):
   info, rows, truth = bench.rows_with_truth(os.path.join(FLAGS.run_dir, "features", "all"),
                                             FLAGS.clean_labels)
   class_ids, verification, features = rows["class_id"], rows["verification"], rows["features"]
+  true_ids = bench.clean_class_ids(FLAGS.clean_labels, info.class_names, rows["key"].astype(str))
   n = FLAGS.ablation_transfer_n
   per_class, alternatives = [], {}
   for variant in FLAGS.variants:
@@ -118,16 +123,22 @@ def main(_):
         for c in held_out:
           rows_c = evaluated & (class_ids == c)
           s, t = scores[rows_c], truth[rows_c]
+          wrong = rows_c & (truth == 0)
           per_class.append((variant, split, info.class_names[c], roc_auc_score(t, s),
                             np.mean((s >= delta) != t.astype(bool)),
-                            lowest_class_error(s, t), np.mean(s < delta), 1 - t.mean()))
+                            lowest_class_error(s, t), np.mean(s < delta), 1 - t.mean(),
+                            delta, s[t == 1].mean(), s[t == 0].mean(),
+                            similarities[wrong, true_ids[wrong]].mean()))
   print(f"Held-out classes of the transfer models in {out} (n={n}; evaluation rows, "
         "a diagnosis)\n")
   print("| model | split | class | AUC | error at delta | lowest error, own threshold "
-        "| flagged | noise rate |\n|---|---|---|---|---|---|---|---|")
-  for variant, split, name, auc, error, lowest, flagged, noise in per_class:
+        "| flagged | noise rate | delta | score: correct rows | score: mislabelled rows "
+        "| mislabelled rows: cosine with true class |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for (variant, split, name, auc, error, lowest, flagged, noise, delta, correct_score,
+       wrong_score, true_class_cosine) in per_class:
     print(f"| {variant} | {split} | {name} | {auc:.3f} | {100 * error:.1f}% | "
-          f"{100 * lowest:.1f}% | {100 * flagged:.0f}% | {100 * noise:.0f}% |")
+          f"{100 * lowest:.1f}% | {100 * flagged:.0f}% | {100 * noise:.0f}% | {delta:.3f} | "
+          f"{correct_score:.3f} | {wrong_score:.3f} | {true_class_cosine:.3f} |")
   print("\n| scoring or threshold | held-out classes' verified rows | their evaluation rows "
         "|\n|---|---|---|")
   for name, values in alternatives.items():
