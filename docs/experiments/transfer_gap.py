@@ -20,6 +20,11 @@ says which transfer_n<n>_split<s> folders). For each model folder named in
   and the mislabelled rows' mean cosine with their true class's embedding:
   where that is not far above their score, the query encoder has not told
   the two classes' images apart.
+* per split, on the same rows: the error at the shared delta beside the
+  lowest error of any one shared delta and of a threshold per class (both
+  oracles). When the first oracle is close to the error at delta and the
+  second far below it, no choice of the one delta helps: the classes need
+  different thresholds.
 * two ways to score or threshold the held-out classes without their labels,
   on what a choice may be based on (the held-out classes' verified rows, which
   neither training nor the threshold saw) and, reported only, on their
@@ -94,7 +99,7 @@ def main(_):
   class_ids, verification, features = rows["class_id"], rows["verification"], rows["features"]
   true_ids = bench.clean_class_ids(FLAGS.clean_labels, info.class_names, rows["key"].astype(str))
   n = FLAGS.ablation_transfer_n
-  per_class, alternatives = [], {}
+  per_class, per_split, alternatives = [], [], {}
   for variant in FLAGS.variants:
     for split in range(FLAGS.transfer_splits):
       held_out, masked, evaluated, val, _ = bench.held_out_split(rows, n, split, info, out)
@@ -120,6 +125,13 @@ def main(_):
           mixture[c] = mixture_threshold(scores[class_ids == c], delta)
         alternatives.setdefault("Gaussian-mixture threshold per held-out class",
                                 []).append(errors(scores, mixture))
+        _, best_shared = detection.select_threshold(class_ids[evaluated], truth[evaluated],
+                                                    scores[evaluated])
+        per_split.append((variant, split, ", ".join(info.class_names[c] for c in held_out),
+                          delta, errors(scores, shared)[1], best_shared,
+                          np.mean([lowest_class_error(scores[evaluated & (class_ids == c)],
+                                                      truth[evaluated & (class_ids == c)])
+                                   for c in held_out])))
         for c in held_out:
           rows_c = evaluated & (class_ids == c)
           s, t = scores[rows_c], truth[rows_c]
@@ -139,6 +151,11 @@ def main(_):
     print(f"| {variant} | {split} | {name} | {auc:.3f} | {100 * error:.1f}% | "
           f"{100 * lowest:.1f}% | {100 * flagged:.0f}% | {100 * noise:.0f}% | {delta:.3f} | "
           f"{correct_score:.3f} | {wrong_score:.3f} | {true_class_cosine:.3f} |")
+  print("\n| model | split | held-out classes | delta | error at delta | lowest error, one "
+        "shared delta | lowest error, a threshold per class |\n|---|---|---|---|---|---|---|")
+  for variant, split, names, delta, error, best_shared, best_per_class in per_split:
+    print(f"| {variant} | {split} | {names} | {delta:.3f} | {100 * error:.2f}% | "
+          f"{100 * best_shared:.2f}% | {100 * best_per_class:.2f}% |")
   print("\n| scoring or threshold | held-out classes' verified rows | their evaluation rows "
         "|\n|---|---|---|")
   for name, values in alternatives.items():
