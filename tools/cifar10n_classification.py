@@ -125,6 +125,22 @@ def _noisy_label_column(data_dir, train, class_names):
   return None
 
 
+def drawn_rows(weights, truth):
+  """What the default drawing (row kept with probability w / max(w)) trains on.
+
+  Returns the share of all rows drawn per pass, the share of wrong labels among
+  the drawn rows (the noise the weighted classifier still sees) and the share of
+  the correct rows' draws kept, each against drawing every row once (no
+  noise rate when every weight is 0: nothing is drawn).
+  """
+  if not weights.any():
+    return {"drawn_share": 0.0, "drawn_noise_rate": None, "correct_kept": 0.0}
+  accept = weights / weights.max()
+  return {"drawn_share": float(accept.mean()),
+          "drawn_noise_rate": float(accept[truth == 0].sum() / accept.sum()),
+          "correct_kept": float(accept[truth == 1].sum() / max(1, (truth == 1).sum()))}
+
+
 def _per_class_weights(class_names, class_ids, truth, w_soft, scored):
   """Per noisy class: rows, noise rate, mean w_soft of all, correct and wrong rows."""
   report = {}
@@ -222,6 +238,14 @@ def markdown(result):
   lines += ["", "Mean weight over all scored rows: w_soft "
             f"{result['weights']['w_soft']['mean_weight']:.3f}, w_hard "
             f"{result['weights']['w_hard']['mean_weight']:.3f}."]
+  drawn = [f"{ROWS[name][1]} {rows['drawn_noise_rate']:.1%} wrong, "
+           f"{rows['correct_kept']:.0%} kept"
+           for name, rows in result["weights"].items()
+           if rows.get("drawn_noise_rate") is not None]
+  if drawn:
+    lines += ["", f"What a drawn variant trains on (labels {result['noise_rate']:.1%} "
+              "wrong): share of wrong labels among the drawn rows, and share of the "
+              "correct rows' draws kept: " + "; ".join(drawn) + "."]
   return "\n".join(lines) + "\n"
 
 
@@ -470,8 +494,9 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
       "unverified_rows_error": unverified_error,
       "holdout_classes": [class_names[c] for c in held_out],
       "delta": float(weights["delta"]),
-      "weights": {name: alternating.weight_stats(weights[name], scored)
-                  for name in ("w_soft", "w_hard")},
+      "weights": {name: {**alternating.weight_stats(weights[name], scored),
+                         **drawn_rows(weights[name], truth)}
+                  for name in ("w_soft", "w_hard", "w_soft_balanced")},
       "finetune": {"steps": variant_config.steps,
                    "learning_rate": variant_config.learning_rate,
                    "batch_size": variant_config.global_batch_size},
