@@ -17,8 +17,12 @@ one stopped, small enough to commit:
   (training resumes there and ends at once; a few MB), except the copies of
   another run's network (the diagnostic runs), which are copied again; a
   step 1 still training, as its last checkpoint (training resumes there);
+* each classification job's CleanNet weights (and CleanNet*'s);
 * each classification variant that finished: its summary and, for w_soft,
-  its classifier (CleanNet* is trained on its features).
+  its classifier (CleanNet* is trained on its features); a variant still
+  training, as its last checkpoint (training resumes there: a from-scratch
+  variant takes 45 to 110 minutes on 2 cores, more than what is left of
+  some sessions).
 
 `restore` puts them back under --out and rebuilds what is derived from them:
 each restored feature run's features and reference sets, by rerunning its
@@ -42,6 +46,10 @@ import sys
 ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "regeneration")
 # Variants whose classifier a later job reads, besides their summary.
 VARIANTS_WITH_MODELS = ("finetune-w_soft",)
+# A classification job's CleanNet weights (with the summary that marks that
+# CleanNet finished) and CleanNet*'s.
+JOB_WEIGHTS = ("weights.npz", os.path.join("cleannet", "summary.json"),
+               os.path.join("cleannet-star", "weights.npz"))
 
 
 def _copy(source, target):
@@ -86,16 +94,28 @@ def save(out):
     _save_last_checkpoint(step1_dir, target_dir)
     saved.append(os.path.relpath(step1_dir, out)
                  + ("" if os.path.exists(summary) else " (unfinished)"))
-  for summary in sorted(glob.glob(os.path.join(out, "features-*", "classification*",
-                                               "finetune-*", "summary.json"))):
-    variant_dir = os.path.dirname(summary)
+  for variant_dir in sorted(glob.glob(os.path.join(out, "features-*", "classification*",
+                                                   "finetune-*"))):
+    target_dir = os.path.join(ARCHIVE, os.path.relpath(variant_dir, out))
+    if not os.path.exists(os.path.join(variant_dir, "summary.json")):
+      if os.path.exists(os.path.join(variant_dir, "checkpoints", "checkpoint")):
+        _save_last_checkpoint(variant_dir, target_dir)
+        saved.append(os.path.relpath(variant_dir, out) + " (unfinished)")
+      continue
+    # Finished: its summary replaces the checkpoint an earlier save kept.
+    shutil.rmtree(os.path.join(target_dir, "checkpoints"), ignore_errors=True)
     names = ["summary.json"]
     if os.path.basename(variant_dir) in VARIANTS_WITH_MODELS:
       names += ["classifier.keras", "feature_extractor.keras"]
     for name in names:
-      _copy(os.path.join(variant_dir, name),
-            os.path.join(ARCHIVE, os.path.relpath(variant_dir, out), name))
+      _copy(os.path.join(variant_dir, name), os.path.join(target_dir, name))
     saved.append(os.path.relpath(variant_dir, out))
+  # The CleanNet weights each classification job drew by, so a later machine
+  # resumes a variant on the same draws without training CleanNet again.
+  for work in sorted(glob.glob(os.path.join(out, "features-*", "classification*"))):
+    for name in JOB_WEIGHTS:
+      if os.path.exists(os.path.join(work, name)):
+        _copy(os.path.join(work, name), os.path.join(ARCHIVE, os.path.relpath(work, out), name))
   print(f"saved into {ARCHIVE}: " + ", ".join(saved))
 
 
