@@ -1,0 +1,79 @@
+"""docs/experiments/regeneration.py: what `save` keeps for the next machine."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "experiments",
+                       "regeneration.py")
+
+
+@pytest.fixture
+def regeneration(tmp_path, monkeypatch):
+  spec = importlib.util.spec_from_file_location("regeneration", _SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.setattr(module, "ARCHIVE", str(tmp_path / "archive"))
+  return module
+
+
+def _write(path, text="x"):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def _checkpoints(directory, steps):
+  for step in steps:
+    _write(os.path.join(directory, "checkpoints", f"ckpt-{step}.index"), str(step))
+    _write(os.path.join(directory, "checkpoints", f"ckpt-{step}.data-00000-of-00001"))
+  newest = f"ckpt-{steps[-1]}"
+  _write(os.path.join(directory, "checkpoints", "checkpoint"),
+         f'model_checkpoint_path: "{newest}"\n'
+         + "".join(f'all_model_checkpoint_paths: "ckpt-{s}"\n' for s in steps))
+
+
+def _listing(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, files in os.walk(root) for f in files)
+
+
+def test_save_keeps_unfinished_variants_and_job_weights(regeneration, tmp_path):
+  out = str(tmp_path / "runs")
+  work = os.path.join(out, "features-x", "classification-scratch")
+  _write(os.path.join(out, "job.json"), json.dumps({"name": "job"}))
+  _write(os.path.join(work, "finetune-w_soft", "summary.json"))
+  for name in ("classifier.keras", "feature_extractor.keras"):
+    _write(os.path.join(work, "finetune-w_soft", name))
+  _checkpoints(os.path.join(work, "finetune-w_hard"), [500, 1000])
+  os.makedirs(os.path.join(work, "finetune-none"))  # started, nothing written yet
+  _write(os.path.join(work, "weights.npz"))
+  _write(os.path.join(work, "cleannet", "summary.json"))
+  _write(os.path.join(work, "cleannet", "best.keras"))
+
+  regeneration.save(out)
+
+  archive = regeneration.ARCHIVE
+  kept = os.path.join("features-x", "classification-scratch")
+  assert _listing(os.path.join(archive, kept)) == [
+      "cleannet/summary.json",
+      "finetune-w_hard/checkpoints/checkpoint",
+      "finetune-w_hard/checkpoints/ckpt-1000.data-00000-of-00001",
+      "finetune-w_hard/checkpoints/ckpt-1000.index",
+      "finetune-w_soft/classifier.keras",
+      "finetune-w_soft/feature_extractor.keras",
+      "finetune-w_soft/summary.json",
+      "weights.npz",
+  ]
+  with open(os.path.join(archive, kept, "finetune-w_hard", "checkpoints", "checkpoint"),
+            encoding="utf-8") as f:
+    assert f.read() == ('model_checkpoint_path: "ckpt-1000"\n'
+                        'all_model_checkpoint_paths: "ckpt-1000"\n')
+  assert os.path.exists(os.path.join(archive, "records", "job.json"))
+
+  # Once the variant finishes, its summary replaces the kept checkpoint.
+  _write(os.path.join(work, "finetune-w_hard", "summary.json"))
+  regeneration.save(out)
+  assert _listing(os.path.join(archive, kept, "finetune-w_hard")) == ["summary.json"]
