@@ -1,20 +1,25 @@
-"""docs/experiments/regeneration.py: what `save` keeps for the next machine."""
+"""The scripts in docs/experiments/: regeneration.py's save, kept_noise.py."""
 
 import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "experiments",
-                       "regeneration.py")
+_EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "experiments")
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(_EXPERIMENTS, name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @pytest.fixture
 def regeneration(tmp_path, monkeypatch):
-  spec = importlib.util.spec_from_file_location("regeneration", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _load("regeneration")
   monkeypatch.setattr(module, "ARCHIVE", str(tmp_path / "archive"))
   return module
 
@@ -77,3 +82,17 @@ def test_save_keeps_unfinished_variants_and_job_weights(regeneration, tmp_path):
   _write(os.path.join(work, "finetune-w_hard", "summary.json"))
   regeneration.save(out)
   assert _listing(os.path.join(archive, kept, "finetune-w_hard")) == ["summary.json"]
+
+
+def test_kept_noise_counts_drawn_wrong_labels():
+  kept_noise = _load("kept_noise").kept_noise
+  clean = np.array(["cat", "cat", "dog", "dog", "dog", "cat"])
+  noisy = np.array(["cat", "dog", "cat", "cat", "dog", "dog"])
+  majority = np.array(["cat", "dog", "dog", "cat", "dog", "cat"])
+  draw = np.array([1.0, 0.5, 0.0, 1.0, 1.0, 0.5])
+  drawn_noise, shared, per_pair = kept_noise(draw, noisy, clean, majority, num_pairs=2)
+  # Wrong rows 1, 2, 3, 5 draw 0.5 + 0 + 1 + 0.5 of the 4 drawn in all.
+  assert drawn_noise == pytest.approx(2.0 / 4.0)
+  # The majority gave the wrong label too on rows 1 and 3: 1.5 of the 2 drawn.
+  assert shared == pytest.approx(1.5 / 2.0)
+  assert per_pair == {("cat", "dog"): pytest.approx(0.5), ("dog", "cat"): pytest.approx(0.5)}
