@@ -22,23 +22,28 @@ weighting it prints what the drawn wrong labels are made of:
 It reads clean labels and is never used to choose anything.
 """
 
+import argparse
 import collections
 import csv
 import os
 import sys
 
-from absl import app
-from absl import flags
 import numpy as np
 
-flags.DEFINE_string("weights", None, "weights.npz of a classification job.")
-flags.DEFINE_string("manifest", None, "The feature run's train.csv (path,label,...).")
-flags.DEFINE_string("labels", None, "CIFAR-10N train.csv (path,...,clean_label,aggre_label,...).")
-flags.DEFINE_string("out", None, "Markdown file to write (printed too).")
-flags.DEFINE_integer("pairs", 12, "How many of the most frequent confusions to list.")
-flags.DEFINE_list("weightings", ["w_hard", "w_soft", "w_soft_balanced"],
-                  "Weightings (keys of --weights) to compare.")
-FLAGS = flags.FLAGS
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--weights", required=True, help="weights.npz of a classification job.")
+  parser.add_argument("--manifest", required=True,
+                      help="The feature run's train.csv (path,label,...).")
+  parser.add_argument("--labels", required=True,
+                      help="CIFAR-10N train.csv (path,...,clean_label,aggre_label,...).")
+  parser.add_argument("--out", required=True, help="Markdown file to write (printed too).")
+  parser.add_argument("--pairs", type=int, default=12,
+                      help="How many of the most frequent confusions to list.")
+  parser.add_argument("--weightings", default="w_hard,w_soft,w_soft_balanced",
+                      help="Comma-separated weightings (keys of --weights) to compare.")
+  return parser.parse_args(argv)
 
 
 def read_labels(manifest_path, labels_path):
@@ -103,23 +108,23 @@ def report(weights, noisy, clean, majority, weightings, num_pairs):
 
 
 def main(argv):
-  del argv
-  for name in ("weights", "manifest", "labels", "out"):
-    if not getattr(FLAGS, name):
-      sys.exit(f"error: --{name} is required")
-  noisy, clean, majority = read_labels(FLAGS.manifest, FLAGS.labels)
-  with np.load(FLAGS.weights) as saved:
-    weights = {name: saved[name] for name in FLAGS.weightings}
+  args = parse_args(argv)
+  weightings = args.weightings.split(",")
+  noisy, clean, majority = read_labels(args.manifest, args.labels)
+  with np.load(args.weights) as saved:
+    missing = [name for name in weightings if name not in saved.files]
+    if missing:
+      sys.exit(f"error: {args.weights}: no {', '.join(missing)} (--weightings)")
+    weights = {name: saved[name] for name in weightings}
   if any(len(w) != len(noisy) for w in weights.values()):
-    sys.exit(f"error: {FLAGS.weights}: not one weight per row of {FLAGS.manifest}")
-  text = report(weights, noisy, clean, majority, FLAGS.weightings, FLAGS.pairs)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out + ".tmp", "w", encoding="utf-8") as f:
-    f.write(f"Command: `python docs/experiments/kept_noise.py {' '.join(sys.argv[1:])}`\n\n"
-            + text)
-  os.replace(FLAGS.out + ".tmp", FLAGS.out)
+    sys.exit(f"error: {args.weights}: not one weight per row of {args.manifest}")
+  text = report(weights, noisy, clean, majority, weightings, args.pairs)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out + ".tmp", "w", encoding="utf-8") as f:
+    f.write(f"Command: `python docs/experiments/kept_noise.py {' '.join(argv)}`\n\n" + text)
+  os.replace(args.out + ".tmp", args.out)
   print(text)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main(sys.argv[1:])
