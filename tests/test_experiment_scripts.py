@@ -1,4 +1,4 @@
-"""The scripts in docs/experiments/: regeneration.py's save, kept_noise.py."""
+"""The scripts in docs/experiments/: regeneration.py's save, kept_noise.py, oracle_weighting.py."""
 
 import importlib.util
 import json
@@ -96,3 +96,14 @@ def test_kept_noise_counts_drawn_wrong_labels():
   # The majority gave the wrong label too on rows 1 and 3: 1.5 of the 2 drawn.
   assert shared == pytest.approx(1.5 / 2.0)
   assert per_pair == {("cat", "dog"): pytest.approx(0.5), ("dog", "cat"): pytest.approx(0.5)}
+
+
+def test_oracle_weights_keep_a_share_of_the_correct_rows_only():
+  oracle_weights = _load("oracle_weighting").oracle_weights
+  truth = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0, 1])
+  np.testing.assert_array_equal(oracle_weights(truth, 1.0, seed=0), truth)
+  half = oracle_weights(truth, 0.5, seed=0)
+  assert half.dtype == np.float32
+  assert half[truth == 0].sum() == 0 and half.sum() == 4  # 4 of the 7 correct (rounded)
+  np.testing.assert_array_equal(half, oracle_weights(truth, 0.5, seed=0))
+  assert not np.array_equal(half, oracle_weights(truth, 0.5, seed=1))

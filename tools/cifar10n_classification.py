@@ -101,7 +101,7 @@ ROWS = {"step1": ("noisy (step 1 only)", "1"), "none": ("noisy", "1"),
         "clean": ("clean", "1")}
 
 
-def _clean_class_ids(data_dir, train, class_names):
+def clean_class_ids(data_dir, train, class_names):
   """The true labels of the manifest's rows, int64 [N] (same row order)."""
   with open(os.path.join(data_dir, "train.csv"), newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
@@ -398,7 +398,7 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
   class_names = data.read_class_names(os.path.join(out, "classes.txt"))
   train = images.read_manifest(os.path.join(out, "train.csv"), class_names)
   test = images.read_manifest(os.path.join(out, "test.csv"), class_names)
-  clean_ids = _clean_class_ids(data_dir, train, class_names)
+  clean_ids = clean_class_ids(data_dir, train, class_names)
   info = data.read_info(os.path.join(out, "features", "all"))
   step1 = alternating.read_json(os.path.join(step1_dir, alternating.SUMMARY_FILE))
   steps = cleannet_steps
