@@ -33,7 +33,6 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from cleannet_tf import classifier  # noqa: E402  (after the path above)
 from cleannet_tf import data  # noqa: E402
 from cleannet_tf import images  # noqa: E402
-from tools import cifar10n_classification  # noqa: E402
 
 
 def parse_args(argv):
@@ -68,6 +67,9 @@ def read_json(path):
 
 
 def main(argv):
+  # Imported here, not at the top: the tool defines absl flags (--out among
+  # them) that clash with other tools' when a test process loads this file.
+  from tools import cifar10n_classification  # pylint: disable=import-outside-toplevel
   args = parse_args(argv)
   if not 0 < args.keep_share <= 1:
     sys.exit(f"error: --keep_share={args.keep_share}: not in (0, 1]")
