@@ -49,9 +49,11 @@ def test_save_keeps_unfinished_variants_and_job_weights(regeneration, tmp_path):
   out = str(tmp_path / "runs")
   work = os.path.join(out, "features-x", "classification-scratch")
   _write(os.path.join(out, "job.json"), json.dumps({"name": "job"}))
-  _write(os.path.join(work, "finetune-w_soft", "summary.json"))
-  for name in ("classifier.keras", "feature_extractor.keras"):
-    _write(os.path.join(work, "finetune-w_soft", name))
+  finetuned = os.path.join(out, "features-x", "classification")
+  for variant in (os.path.join(work, "finetune-w_soft"), os.path.join(work, "finetune-clean"),
+                  os.path.join(finetuned, "finetune-clean")):
+    for name in ("summary.json", "classifier.keras", "feature_extractor.keras"):
+      _write(os.path.join(variant, name))
   _checkpoints(os.path.join(work, "finetune-w_hard"), [500, 1000])
   os.makedirs(os.path.join(work, "finetune-none"))  # started, nothing written yet
   _write(os.path.join(work, "weights.npz"))
@@ -64,6 +66,9 @@ def test_save_keeps_unfinished_variants_and_job_weights(regeneration, tmp_path):
   kept = os.path.join("features-x", "classification-scratch")
   assert _listing(os.path.join(archive, kept)) == [
       "cleannet/summary.json",
+      "finetune-clean/classifier.keras",  # --clean_from copies it
+      "finetune-clean/feature_extractor.keras",
+      "finetune-clean/summary.json",
       "finetune-w_hard/checkpoints/checkpoint",
       "finetune-w_hard/checkpoints/ckpt-1000.data-00000-of-00001",
       "finetune-w_hard/checkpoints/ckpt-1000.index",
@@ -77,11 +82,22 @@ def test_save_keeps_unfinished_variants_and_job_weights(regeneration, tmp_path):
     assert f.read() == ('model_checkpoint_path: "ckpt-1000"\n'
                         'all_model_checkpoint_paths: "ckpt-1000"\n')
   assert os.path.exists(os.path.join(archive, "records", "job.json"))
+  # The fine-tuned clean variant is read by no later job: its summary alone.
+  assert _listing(os.path.join(archive, "features-x", "classification")) == [
+      "finetune-clean/summary.json"]
 
   # Once the variant finishes, its summary replaces the kept checkpoint.
   _write(os.path.join(work, "finetune-w_hard", "summary.json"))
   regeneration.save(out)
   assert _listing(os.path.join(archive, kept, "finetune-w_hard")) == ["summary.json"]
+
+  # A finished variant trained again: its checkpoint replaces the stale summary and models.
+  os.remove(os.path.join(work, "finetune-w_soft", "summary.json"))
+  _checkpoints(os.path.join(work, "finetune-w_soft"), [500])
+  regeneration.save(out)
+  assert _listing(os.path.join(archive, kept, "finetune-w_soft")) == [
+      "checkpoints/checkpoint", "checkpoints/ckpt-500.data-00000-of-00001",
+      "checkpoints/ckpt-500.index"]
 
 
 def test_kept_noise_counts_drawn_wrong_labels():

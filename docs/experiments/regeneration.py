@@ -18,11 +18,13 @@ one stopped, small enough to commit:
   another run's network (the diagnostic runs), which are copied again; a
   step 1 still training, as its last checkpoint (training resumes there);
 * each classification job's CleanNet weights (and CleanNet*'s);
-* each classification variant that finished: its summary and, for w_soft,
-  its classifier (CleanNet* is trained on its features); a variant still
-  training, as its last checkpoint (training resumes there: a from-scratch
-  variant takes 45 to 110 minutes on 2 cores, more than what is left of
-  some sessions).
+* each classification variant that finished: its summary and, for w_soft
+  and the clean variant, its classifier (CleanNet* is trained on w_soft's
+  features; the checks on other labels reuse the clean variant through
+  --clean_from, which copies its classifier); a variant still training, as
+  its last checkpoint alone (training resumes there: a from-scratch variant
+  takes 45 to 130 minutes on 2 cores, more than what is left of some
+  sessions).
 
 `restore` puts them back under --out and rebuilds what is derived from them:
 each restored feature run's features and reference sets, by rerunning its
@@ -36,6 +38,7 @@ record names the machine); the features rebuilt on another kind differ in
 the last digits.
 """
 
+import fnmatch
 import glob
 import json
 import os
@@ -44,8 +47,10 @@ import subprocess
 import sys
 
 ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "regeneration")
-# Variants whose classifier a later job reads, besides their summary.
-VARIANTS_WITH_MODELS = ("finetune-w_soft",)
+# Variants whose classifier a later job reads, besides their summary (paths
+# under a feature run): CleanNet* reads w_soft's; --clean_from copies the
+# from-scratch clean variant.
+VARIANTS_WITH_MODELS = ("classification*/finetune-w_soft", "classification-scratch/finetune-clean")
 # A classification job's CleanNet weights (with the summary that marks that
 # CleanNet finished) and CleanNet*'s.
 JOB_WEIGHTS = ("weights.npz", os.path.join("cleannet", "summary.json"),
@@ -99,13 +104,18 @@ def save(out):
     target_dir = os.path.join(ARCHIVE, os.path.relpath(variant_dir, out))
     if not os.path.exists(os.path.join(variant_dir, "summary.json")):
       if os.path.exists(os.path.join(variant_dir, "checkpoints", "checkpoint")):
+        # A variant trained again: an earlier save's summary would mark it finished.
+        for name in ("summary.json", "classifier.keras", "feature_extractor.keras"):
+          if os.path.exists(os.path.join(target_dir, name)):
+            os.remove(os.path.join(target_dir, name))
         _save_last_checkpoint(variant_dir, target_dir)
         saved.append(os.path.relpath(variant_dir, out) + " (unfinished)")
       continue
     # Finished: its summary replaces the checkpoint an earlier save kept.
     shutil.rmtree(os.path.join(target_dir, "checkpoints"), ignore_errors=True)
     names = ["summary.json"]
-    if os.path.basename(variant_dir) in VARIANTS_WITH_MODELS:
+    under_run = os.path.relpath(variant_dir, os.path.dirname(os.path.dirname(variant_dir)))
+    if any(fnmatch.fnmatch(under_run, pattern) for pattern in VARIANTS_WITH_MODELS):
       names += ["classifier.keras", "feature_extractor.keras"]
     for name in names:
       _copy(os.path.join(variant_dir, name), os.path.join(target_dir, name))
