@@ -56,6 +56,8 @@ def test_save_keeps_unfinished_variants_and_job_weights(regeneration, tmp_path):
       _write(os.path.join(variant, name))
   _checkpoints(os.path.join(work, "finetune-w_hard"), [500, 1000])
   os.makedirs(os.path.join(work, "finetune-none"))  # started, nothing written yet
+  oracle = os.path.join(out, "features-x", "oracle-scratch", "correct-1")
+  _checkpoints(oracle, [500])
   _write(os.path.join(work, "weights.npz"))
   _write(os.path.join(work, "cleannet", "summary.json"))
   _write(os.path.join(work, "cleannet", "best.keras"))
@@ -82,6 +84,10 @@ def test_save_keeps_unfinished_variants_and_job_weights(regeneration, tmp_path):
     assert f.read() == ('model_checkpoint_path: "ckpt-1000"\n'
                         'all_model_checkpoint_paths: "ckpt-1000"\n')
   assert os.path.exists(os.path.join(archive, "records", "job.json"))
+  # oracle_weighting.py's classifier resumes on the next machine like a variant.
+  assert _listing(os.path.join(archive, "features-x", "oracle-scratch")) == [
+      "correct-1/checkpoints/checkpoint", "correct-1/checkpoints/ckpt-500.data-00000-of-00001",
+      "correct-1/checkpoints/ckpt-500.index"]
   # The fine-tuned clean variant is read by no later job: its summary alone.
   assert _listing(os.path.join(archive, "features-x", "classification")) == [
       "finetune-clean/summary.json"]

@@ -24,7 +24,9 @@ one stopped, small enough to commit:
   --clean_from, which copies its classifier); a variant still training, as
   its last checkpoint alone (training resumes there: a from-scratch variant
   takes 45 to 130 minutes on 2 cores, more than what is left of some
-  sessions).
+  sessions). The classifiers of docs/experiments/oracle_weighting.py
+  (<feature run>/oracle-scratch/correct-<share>) are kept the same way, as
+  their summary or last checkpoint.
 
 `restore` puts them back under --out and rebuilds what is derived from them:
 each restored feature run's features and reference sets, by rerunning its
@@ -53,6 +55,10 @@ ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "regeneration
 VARIANTS_WITH_MODELS = ("classification*/finetune-w_soft", "classification-scratch/finetune-clean")
 # A classification job's CleanNet weights (with the summary that marks that
 # CleanNet finished) and CleanNet*'s.
+# Folders of trained classifiers under a feature run: the classification
+# jobs' variants and oracle_weighting.py's runs.
+CLASSIFIER_RUNS = (os.path.join("classification*", "finetune-*"),
+                   os.path.join("oracle-scratch", "correct-*"))
 JOB_WEIGHTS = ("weights.npz", os.path.join("cleannet", "summary.json"),
                os.path.join("cleannet-star", "weights.npz"))
 
@@ -99,8 +105,8 @@ def save(out):
     _save_last_checkpoint(step1_dir, target_dir)
     saved.append(os.path.relpath(step1_dir, out)
                  + ("" if os.path.exists(summary) else " (unfinished)"))
-  for variant_dir in sorted(glob.glob(os.path.join(out, "features-*", "classification*",
-                                                   "finetune-*"))):
+  for variant_dir in sorted(path for pattern in CLASSIFIER_RUNS
+                            for path in glob.glob(os.path.join(out, "features-*", pattern))):
     target_dir = os.path.join(ARCHIVE, os.path.relpath(variant_dir, out))
     if not os.path.exists(os.path.join(variant_dir, "summary.json")):
       if os.path.exists(os.path.join(variant_dir, "checkpoints", "checkpoint")):
