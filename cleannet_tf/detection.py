@@ -139,6 +139,39 @@ def sample_weights(scores, delta) -> tuple[np.ndarray, np.ndarray]:
   return w_soft, w_hard
 
 
+def drawn_rows(weights, truth) -> dict:
+  """What a classifier trained by drawing rows with probability w / max(w) sees.
+
+  The default weighted training (``classifier.ClassifierConfig``'s
+  sample_weighting "sampling") keeps row i with probability w_i / max(w). Against
+  drawing every row once, this returns the share of rows drawn per pass, the
+  share of wrong labels among the drawn rows (the noise the weighted
+  classifier still trains on) and the share of the correct rows' draws kept.
+  With CleanNet's held-out verified rows as `truth` (rows it did not train
+  on) this estimates both on the rows without verification labels, which is
+  how a user can see what a weighting still lets through.
+
+  Args:
+    weights: float [N], non-negative.
+    truth: int or bool [N] in {0, 1}; 1 = the row's label is correct.
+
+  Returns:
+    {"drawn_share", "drawn_noise_rate" (None when every weight is 0: nothing
+    is drawn), "correct_kept"}, floats.
+  """
+  weights = np.asarray(weights, np.float64)
+  truth = np.asarray(truth)
+  if weights.shape != truth.shape or weights.ndim != 1:
+    raise InputError(f"drawn_rows: weights {weights.shape} and truth {truth.shape} must "
+                     "be one value per row each")
+  if not weights.any():
+    return {"drawn_share": 0.0, "drawn_noise_rate": None, "correct_kept": 0.0}
+  accept = weights / weights.max()
+  return {"drawn_share": float(accept.mean()),
+          "drawn_noise_rate": float(accept[truth == 0].sum() / accept.sum()),
+          "correct_kept": float(accept[truth == 1].sum() / max(1, (truth == 1).sum()))}
+
+
 def balance_per_class(weights, class_ids) -> np.ndarray:
   """Rescales sample weights so that each class's mean weight is 1.
 

@@ -391,22 +391,6 @@ def test_gap_recovered_is_each_weightings_share_of_the_noisy_to_clean_gap():
       """))
 
 
-def test_drawn_rows_is_what_the_weighted_drawing_trains_on():
-  assert_passes_in_a_fresh_process(textwrap.dedent("""
-      import numpy as np, pytest
-      from tools.cifar10n_classification import drawn_rows
-      truth = np.array([1, 1, 1, 0])
-      # Kept with probability w / max(w): 1, 1, 0.5 and 0.5 of a pass.
-      drawn = drawn_rows(np.array([0.8, 0.8, 0.4, 0.4]), truth)
-      assert drawn == pytest.approx({"drawn_share": 0.75, "drawn_noise_rate": 0.5 / 3,
-                                     "correct_kept": 2.5 / 3})
-      # Equal weights draw every row: the labels' own noise, every correct row.
-      assert drawn_rows(np.full(4, 0.3), truth) == pytest.approx(
-          {"drawn_share": 1.0, "drawn_noise_rate": 0.25, "correct_kept": 1.0})
-      assert drawn_rows(np.zeros(4), truth)["drawn_noise_rate"] is None
-      """))
-
-
 def test_paper_demo_args_are_the_papers_settings():
   check = ("from tools import benchmarks; from cleannet_tf import training; "
            "given = dict(a.removeprefix('--').split('=') for a in benchmarks.PAPER_DEMO_ARGS); "

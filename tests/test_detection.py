@@ -30,6 +30,20 @@ def test_sample_weights():
   np.testing.assert_array_equal(w_hard, [0, 0, 1, 1])
 
 
+def test_drawn_rows_is_what_the_weighted_drawing_trains_on():
+  truth = np.array([1, 1, 1, 0])
+  # Kept with probability w / max(w): 1, 1, 0.5 and 0.5 of a pass.
+  drawn = detection.drawn_rows(np.array([0.8, 0.8, 0.4, 0.4]), truth)
+  assert drawn == pytest.approx({"drawn_share": 0.75, "drawn_noise_rate": 0.5 / 3,
+                                 "correct_kept": 2.5 / 3})
+  # Equal weights draw every row: the labels' own noise, every correct row.
+  assert detection.drawn_rows(np.full(4, 0.3), truth) == pytest.approx(
+      {"drawn_share": 1.0, "drawn_noise_rate": 0.25, "correct_kept": 1.0})
+  assert detection.drawn_rows(np.zeros(4), truth)["drawn_noise_rate"] is None
+  with pytest.raises(InputError, match="one value per row"):
+    detection.drawn_rows(np.ones(3), truth)
+
+
 def test_balance_per_class_gives_every_class_mean_weight_one():
   weights = np.array([0.1, 0.3, 0.0, 0.8, 0.4, 0.0, 0.0], np.float32)
   class_ids = np.array([0, 0, 0, 1, 1, 2, 2])

@@ -120,6 +120,27 @@ def test_kept_noise_counts_drawn_wrong_labels():
   assert per_pair == {("cat", "dog"): pytest.approx(0.5), ("dog", "cat"): pytest.approx(0.5)}
 
 
+def test_kept_noise_estimates_on_the_rows_cleannet_held_out():
+  kept_noise = _load("kept_noise")
+  noisy = np.array(["cat"] * 10 + ["dog"] * 10 + ["cat"] * 5)
+  verification = np.array([1, 0] * 10 + [-1] * 5)
+  validation = kept_noise.validation_rows(noisy, verification, 0.2, split_seed=0)
+  # 2 of each class's 10 verified rows, never an unverified one, as CleanNet holds out.
+  assert validation[:10].sum() == 2 and validation[10:20].sum() == 2
+  assert not validation[20:].any()
+  assert not np.array_equal(validation,
+                            kept_noise.validation_rows(noisy, verification, 0.2, split_seed=1))
+  # The rows verified 0 are the wrong labels; a perfect w_hard drops them all.
+  clean = np.where(verification == 0, np.where(noisy == "cat", "dog", "cat"), noisy)
+  weights = {"run": {"w_hard": (verification != 0).astype(np.float32),
+                     "w_soft": np.full(len(noisy), 0.5, np.float32)}}
+  text = kept_noise.report(weights, noisy, clean, clean, verification, validation,
+                           ["w_hard", "w_soft"], num_pairs=1)
+  assert "| run | w_hard | 0.0% | 100.0% | 0.0% / 100.0% | - |" in text
+  # Equal weights draw everything: 10 of 25 rows wrong, and 2 of 4 held-out rows.
+  assert "| run | w_soft | 40.0% | 100.0% | 50.0% / 100.0% | 0.0% |" in text
+
+
 def test_oracle_weights_keep_a_share_of_the_correct_rows_only():
   oracle_weights = _load("oracle_weighting").oracle_weights
   truth = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0, 1])

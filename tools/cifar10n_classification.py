@@ -125,22 +125,6 @@ def _noisy_label_column(data_dir, train, class_names):
   return None
 
 
-def drawn_rows(weights, truth):
-  """What the default drawing (row kept with probability w / max(w)) trains on.
-
-  Returns the share of all rows drawn per pass, the share of wrong labels among
-  the drawn rows (the noise the weighted classifier still sees) and the share of
-  the correct rows' draws kept, each against drawing every row once (no
-  noise rate when every weight is 0: nothing is drawn).
-  """
-  if not weights.any():
-    return {"drawn_share": 0.0, "drawn_noise_rate": None, "correct_kept": 0.0}
-  accept = weights / weights.max()
-  return {"drawn_share": float(accept.mean()),
-          "drawn_noise_rate": float(accept[truth == 0].sum() / accept.sum()),
-          "correct_kept": float(accept[truth == 1].sum() / max(1, (truth == 1).sum()))}
-
-
 def _per_class_weights(class_names, class_ids, truth, w_soft, scored):
   """Per noisy class: rows, noise rate, mean w_soft of all, correct and wrong rows."""
   report = {}
@@ -495,7 +479,7 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
       "holdout_classes": [class_names[c] for c in held_out],
       "delta": float(weights["delta"]),
       "weights": {name: {**alternating.weight_stats(weights[name], scored),
-                         **drawn_rows(weights[name], truth)}
+                         **detection.drawn_rows(weights[name], truth)}
                   for name in ("w_soft", "w_hard", "w_soft_balanced")},
       "finetune": {"steps": variant_config.steps,
                    "learning_rate": variant_config.learning_rate,
