@@ -246,14 +246,17 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   if result["top1"]["clean"] != result["top1"]["none"]:
     assert "that each weighting recovers: w_hard (Eq. 13) " in scratch
     assert set(result["gap_recovered"]) == {"w_hard", "w_soft", "w_soft_balanced",
-                                            "w_soft_loss"}
+                                            "w_soft_loss", "w_soft_star"}
   cost = markdown_sections.extract_section(text, "cost")
   assert "| features-worse_label |" in cost and "| classification |" in cost
   assert "| classification-scratch |" in cost
-  # Round 2 (opt-in): CleanNet*'s weights train two more variants; the first
-  # round's trainings and CleanNet* are reused, not trained again.
+  # Round 2: the job trained w_soft_star on CleanNet*'s weights; w_hard_star
+  # (opt-in) is one more variant, and the first round's trainings, w_soft_star
+  # and CleanNet* are reused, not trained again.
+  assert "| noisy | w_soft of CleanNet* (round 2) |" in scratch
   work = out / "features-worse_label" / "classification-scratch"
-  trained_before = (work / "finetune-w_soft" / "summary.json").stat().st_mtime_ns
+  trained_before = {name: (work / f"finetune-{name}" / "summary.json").stat().st_mtime_ns
+                    for name in ("w_soft", "w_soft_star")}
   round2 = [sys.executable, "-m", "tools.cifar10n_classification", f"--data={data}",
             f"--out={out / 'features-worse_label'}", "--from_scratch", "--cleannet_steps=4",
             "--finetune_batch_size=8"]
@@ -262,9 +265,11 @@ def test_cifar_stages_on_a_tiny_fake_cifar10n(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   result = json.loads((work / "results.json").read_text(encoding="utf-8"))
   assert {"w_hard_star", "w_soft_star"} <= set(result["top1"])
+  assert result["weights"]["w_soft_star"]["correct_kept"] <= 1
   if result["top1"]["clean"] != result["top1"]["none"]:
     assert {"w_hard_star", "w_soft_star"} <= set(result["gap_recovered"])
-  assert (work / "finetune-w_soft" / "summary.json").stat().st_mtime_ns == trained_before
+  assert {name: (work / f"finetune-{name}" / "summary.json").stat().st_mtime_ns
+          for name in trained_before} == trained_before
   star = np.load(work / "cleannet-star" / "weights.npz")
   hard_star = json.loads((work / "finetune-w_hard_star" / "summary.json")
                          .read_text(encoding="utf-8"))

@@ -497,6 +497,11 @@ def classify(data_dir, out, *, finetune_steps=1000, finetune_learning_rate=0.01,
       "per_class": _per_class_weights(class_names, train.class_ids, truth,
                                       weights["w_soft"], scored),
   }
+  if "CleanNet*" in detectors:
+    star = detectors["CleanNet*"]
+    results["weights"]["w_soft_star"] = {
+        **alternating.weight_stats(star["w_soft"], star["scored"]),
+        **detection.drawn_rows(star["w_soft"], truth)}
   data.atomic_write_text(os.path.join(work, "results.json"),
                          json.dumps(results, indent=2) + "\n")
   data.atomic_write_text(os.path.join(work, "results.md"), _markdown(results))
